@@ -1,0 +1,1228 @@
+"""Spatial-SSRL pretext tasks: verifiable (question, images, answer) samples from raw RGB and RGB-D pixels.
+
+The five self-supervised tasks of Spatial-SSRL (arXiv 2510.27606, spec sections 1 and 2), a numpy ray-caster that
+renders RGB-D scenes when no data is given, the dataset builder/loader used for training, and the reward.
+Every answer is computed by a program from the pixels, and `Sample.meta` records enough to re-check it.
+
+The first sample of each task from `python tasks.py --out /tmp/d --per-task 50` (rendered scenes, seed 0); for
+training, make_prompt() appends FORMAT_PROMPT:
+  shuffle   "<image>The image has been divided into 3 shuffled horizontal strips labeled 0, 1, and 2. Based on
+             visual clues such as continuity, alignment, and context, answer the correct arrangement of the strips
+             to restore the original image, where the format is 'Left-Middle-Right'."                  -> 2-1-0
+  flip      "<image>The image has been divided into 4 labeled 0, 1, 2, and 3. One of the four patches is flipped
+             either horizontally or vertically. ... where the format is 'Label-Direction'. The direction can only
+             be 0(flipped vertically) or 1(flipped horizontally)."                                     -> 3-0
+  crop      "Which image is the missing part in the first image <image>? ... select one of the four options
+             <image><image><image><image> as the final answer. The final answer should be chosen from 'A', 'B',
+             'C', and 'D'."                                                                            -> D
+  depth     "<image>The original image has three regions marked as 1, 2, and 3. ... sort the depths of the three
+             regions from smallest to largest from the camera, where the format of the answer is
+             'Smallest-Middle-Largest'."                                                               -> 3-1-2
+  position  "<image>I've taken an image and there are two regions marked as 1, and 2 on the image. Assume that
+             there is a camera at position '1' and it's facing to the left of the image. According to the camera,
+             where is the region marker '2'? A. Right-Front B. Left-Front C. Left-Back D. Right-Back. Consider
+             cues such as depth, orientation, and 3D spatial relationship and ignore the height difference between
+             the two regions. ..."                                                                     -> C
+
+Run:
+  python tasks.py --out /tmp/d --per-task 50                  # rendered scenes, no download
+  python tasks.py --out DIR --rgb COCO_DIR --rgbd DIODE_OR_MEGADEPTH_DIR --per-task 20000 --workers 8
+  python -m bench.tasks                                        # samples/s per task at 640x480
+"""
+import argparse
+import functools
+import json
+import math
+import multiprocessing
+import os
+import re
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+# ---------------------------------------------------------------------------------------------------------------
+# Constants and question templates (spec sections 1 and 2, quoted verbatim; "<image>" is the EasyR1 placeholder)
+
+TASKS = ("shuffle", "flip", "crop", "depth", "position")
+
+FORMAT_PROMPT = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
+                 "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
+                 "BE put in \\boxed{}.")
+
+# Shuffle variants in the proportions of spec Tab. 6: (rows, cols, white-masked patch, weight). The strip rows are
+# split evenly between 3 and 4 strips (the table gives only their sum).
+SHUFFLE_VARIANTS = ((2, 2, False, 4000), (2, 2, True, 4028),
+                    (1, 3, False, 4991 / 2), (1, 4, False, 4991 / 2),
+                    (3, 1, False, 3009 / 2), (4, 1, False, 3009 / 2))
+# Accuracy of uniform guessing: 1 / permutations (mixed by the weights above), (patch, direction) pairs, 4 options,
+# 3! orders, 4 options.
+CHANCE = {"shuffle": sum(v[3] / math.factorial(v[0] * v[1]) for v in SHUFFLE_VARIANTS)
+          / sum(v[3] for v in SHUFFLE_VARIANTS),
+          "flip": 1 / 8, "crop": 1 / 4, "depth": 1 / 6, "position": 1 / 4}
+
+_SHUFFLE_2X2 = ("The image has been divided into 4 shuffled patches labeled 0, 1, 2, and 3.{mask} Based on visual "
+                "clues such as continuity, alignment, and context, answer the correct arrangement of the patches to "
+                "restore the original image, where the format is 'TopLeft-TopRight-BottomLeft-BottomRight'.")
+_SHUFFLE_MASK = " One of the four patches is masked completely by white pixels."
+_SHUFFLE_STRIPS = ("The image has been divided into {n} shuffled {kind} strips labeled {labels}. Based on visual "
+                   "clues such as continuity, alignment, and context, answer the correct arrangement of the strips "
+                   "to restore the original image, where the format is '{fmt}'.")
+_STRIP_FORMATS = {("horizontal", 3): "Left-Middle-Right", ("horizontal", 4): "Left-Middle1-Middle2-Right",
+                  ("vertical", 3): "Top-Middle-Bottom", ("vertical", 4): "Top-Middle1-Middle2-Bottom"}
+# Flip: verbatim, including the paper's missing word ("divided into 4 labeled") and "the direction the flip".
+_FLIP = ("The image has been divided into 4 labeled 0, 1, 2, and 3. One of the four patches is flipped either "
+         "horizontally or vertically. Based on visual clues such as continuity, alignment, and context, answer the "
+         "correct patch that is flipped and the direction the flip, where the format is 'Label-Direction'. The "
+         "direction can only be 0(flipped vertically) or 1(flipped horizontally).")
+_CROP = ("Which image is the missing part in the first image <image>? Based on visual clues such as alignment, image "
+         "content, and positional relationship, select one of the four options <image><image><image><image> as the "
+         "final answer. The final answer should be chosen from 'A', 'B', 'C', and 'D'.")
+_DEPTH = ("The original image has three regions marked as 1, 2, and 3. Consider the content, positional "
+          "relationships, depths of the three regions and other cues, and sort the depths of the three regions from "
+          "smallest to largest from the camera, where the format of the answer is 'Smallest-Middle-Largest'.")
+_POSITION = ("I've taken an image and there are two regions marked as 1, and 2 on the image. Assume that there is a "
+             "camera at position '{camera}' and it's facing {facing}. According to the camera, where is the region "
+             "marker '{target}'? {options}. Consider cues such as depth, orientation, and 3D spatial "
+             "relationship{ignore}. The final answer should be chosen from 'A', 'B', 'C', and 'D'.")
+_FACING_PHRASES = {"left": "to the left of the image", "right": "to the right of the image",
+                   "towards": "to me", "away": "to away from me"}   # Position.py's wording, "to away" included
+FACINGS = ("left", "right", "towards", "away")
+# Spec section 6.1: the paper samples the facing uniformly, Position.py with weights 30/30/30/10. We default to the
+# paper (a skewed prior is a shortcut a model can learn); pass facing_weights=FACING_WEIGHTS_CODE for the code's.
+FACING_WEIGHTS_CODE = (30, 30, 30, 10)
+LETTERS = "ABCD"
+
+# The released code's pixel thresholds (25/11-px depth windows, 15-px position blocks, 150 px, 30 px) were applied
+# to DIODE (1024x768) and MegaDepth images. Images with a short side >= REFERENCE_SIDE keep them as they are;
+# smaller ones (the 112-160 px of the tiny CPU run) scale them down in proportion, so a 150-px lateral gap is still
+# a quarter of the frame width, not all of it. Our choice: the paper does not consider small images.
+REFERENCE_SIDE = 480
+MIN_PATCH = 16   # px; a grid whose patches would be smaller is skipped ("too small")
+_PALETTE = {0: (255, 150, 0), 1: (230, 30, 30), 2: (20, 170, 40), 3: (40, 90, 255)}   # per-label marker fill
+_BORDER = (0, 0, 255)   # the released images' border is blue (cv2 BGR, spec section 6.9); we keep their look
+
+
+class Skip(Exception):
+    """The image does not admit a sample for this task; the message is the counted reason."""
+
+
+class BadRecord(ValueError):
+    """A dataset record (or one of its images) cannot be used; the message says why in one line."""
+
+
+@dataclass
+class Sample:
+    task: str
+    problem: str          # question with one "<image>" per image, in order
+    answer: str           # the exact string the reward compares with
+    images: list          # PIL RGB images
+    meta: dict = field(default_factory=dict)
+
+
+def make_prompt(problem: str) -> str:
+    """Question plus the format instruction, as the EasyR1 jinja template `{{ content | trim }} ...` builds it."""
+    return problem.strip() + " " + FORMAT_PROMPT
+
+
+def _pixel_scale(height, width):
+    return min(1.0, min(height, width) / REFERENCE_SIDE)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Procedural RGB-D scenes: a pinhole camera over a textured ground plane with boxes, spheres and cylinders,
+# ray-cast in numpy (Lambert shading, hard shadows, distance fog). Depth is planar z-depth in metres; sky is 0
+# (invalid, like the <=0 convention of the plain input layout).
+
+_GROUND_FAR = 60.0   # metres; ground beyond is haze with invalid depth, so the horizon does not dominate depth range
+
+
+def _hsv(rng, saturation=(0.35, 0.9), value=(0.45, 0.95)):
+    hue, sat, val = rng.random(), rng.uniform(*saturation), rng.uniform(*value)
+    i, f = int(hue * 6) % 6, hue * 6 - int(hue * 6)
+    p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
+    return np.array([(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i], np.float32)
+
+
+def _intersect(obj, ox, oy, oz, dx, dy, dz):
+    """Ray parameter t of the first hit with obj (inf where missed) and the hit normal (3 arrays)."""
+    inf = np.inf
+    if obj["kind"] == "sphere":
+        cx, cy, cz = obj["centre"]
+        px, py, pz = ox - cx, oy - cy, oz - cz
+        a = dx * dx + dy * dy + dz * dz
+        b = 2 * (px * dx + py * dy + pz * dz)
+        c = px * px + py * py + pz * pz - obj["radius"] ** 2
+        disc = b * b - 4 * a * c
+        t = np.where(disc >= 0, (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a), inf)
+        t = np.where(t > 1e-4, t, inf)
+        r = obj["radius"]
+        return t, ((ox + t * dx - cx) / r, (oy + t * dy - cy) / r, (oz + t * dz - cz) / r)
+    if obj["kind"] == "cylinder":
+        cx, cz = obj["centre"][0], obj["centre"][2]
+        r, top = obj["radius"], obj["height"]
+        px, pz = ox - cx, oz - cz
+        a = np.maximum(dx * dx + dz * dz, 1e-12)
+        b = 2 * (px * dx + pz * dz)
+        c = px * px + pz * pz - r * r
+        disc = b * b - 4 * a * c
+        side = np.where(disc >= 0, (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a), inf)
+        y = oy + side * dy
+        side = np.where((side > 1e-4) & (y >= 0) & (y <= top), side, inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cap = (top - oy) / dy
+        cap_x, cap_z = px + cap * dx, pz + cap * dz
+        cap = np.where((cap > 1e-4) & (cap_x * cap_x + cap_z * cap_z <= r * r), cap, inf)
+        t = np.minimum(side, cap)
+        on_cap = cap <= side
+        nx = np.where(on_cap, 0.0, (px + t * dx) / r)
+        nz = np.where(on_cap, 0.0, (pz + t * dz) / r)
+        return t, (nx, np.where(on_cap, 1.0, 0.0), nz)
+    # box rotated by yaw about the vertical axis: slab test in its own frame
+    cos, sin = math.cos(obj["yaw"]), math.sin(obj["yaw"])
+    cx, cy, cz = obj["centre"]
+    lox, loy, loz = cos * (ox - cx) + sin * (oz - cz), oy - cy, -sin * (ox - cx) + cos * (oz - cz)
+    ldx, ldy, ldz = cos * dx + sin * dz, dy + 0 * dx, -sin * dx + cos * dz
+    near, far, axis = None, None, None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for index, (o, d, h) in enumerate(zip((lox, loy, loz), (ldx, ldy, ldz), obj["half"])):
+            t1, t2 = (-h - o) / d, (h - o) / d
+            lo, hi = np.fmin(t1, t2), np.fmax(t1, t2)
+            if near is None:
+                near, far, axis = lo, hi, np.zeros(np.shape(lo), np.int8)
+            else:
+                axis = np.where(lo > near, index, axis)
+                near, far = np.fmax(near, lo), np.fmin(far, hi)
+    t = np.where((far >= near) & (near > 1e-4), near, inf)
+    sign = -np.sign(np.where(axis == 0, ldx, np.where(axis == 1, ldy, ldz)))
+    lnx, lny, lnz = (axis == 0) * sign, (axis == 1) * sign, (axis == 2) * sign
+    return t, (cos * lnx - sin * lnz, lny, sin * lnx + cos * lnz)
+
+
+def _place_objects(rng, tan_half):
+    """3-8 boxes, spheres and cylinders on the ground, footprints apart, plus a skyline of tall boxes at the back
+    (vertical faces give flat far regions, which the depth tasks' far band needs and a bare ground plane lacks)."""
+    objects, footprints = [], []
+    wanted = rng.randint(3, 8)
+    for _ in range(wanted * 8):                      # rejection sampling of non-overlapping footprints
+        if len(objects) == wanted:
+            break
+        kind = rng.choice(("box", "sphere", "cylinder"))
+        size = rng.uniform(0.3, 1.4)
+        z = rng.uniform(3.0, 22.0)
+        x = rng.uniform(-0.9, 0.9) * z * tan_half
+        reach = size * 1.8
+        if any((x - fx) ** 2 + (z - fz) ** 2 < (reach + fr) ** 2 for fx, fz, fr in footprints):
+            continue
+        footprints.append((x, z, reach))
+        obj = {"kind": kind, "colour": _hsv(rng), "stripes": rng.choice((0.0, 0.0, 3.0, 6.0)),
+               "stripe_axis": rng.randrange(3)}
+        if kind == "sphere":
+            obj.update(radius=size, centre=(x, size, z), reach=size, top=2 * size)
+        elif kind == "cylinder":
+            height = size * rng.uniform(1.0, 3.5)
+            obj.update(radius=size * 0.7, height=height, centre=(x, height / 2, z), reach=size * 0.7, top=height)
+        else:
+            half = (size * rng.uniform(0.5, 1.2), size * rng.uniform(0.4, 1.8), size * rng.uniform(0.5, 1.2))
+            obj.update(half=half, centre=(x, half[1], z), yaw=rng.uniform(0, math.pi), reach=math.hypot(half[0],
+                       half[2]), top=2 * half[1])
+        objects.append(obj)
+    distance = rng.uniform(20.0, 45.0)
+    left, right = -1.3 * distance * tan_half, 1.3 * distance * tan_half
+    while left < right:
+        span = rng.uniform(4.0, 14.0)
+        depth, height = rng.uniform(2.0, 6.0), rng.uniform(4.0, 18.0)
+        half = (span / 2, height / 2, depth / 2)
+        objects.append({"kind": "box", "colour": _hsv(rng, (0.05, 0.5), (0.35, 0.8)), "stripes":
+                        rng.choice((0.0, 1.0, 2.0)), "stripe_axis": 1, "half": half, "yaw": 0.0,
+                        "centre": (left + span / 2, height / 2, distance + rng.uniform(-3, 3) + depth / 2),
+                        "reach": math.hypot(half[0], half[2]), "top": height})
+        left += span
+    return objects
+
+
+def _screen_box(points, camera, width, height):
+    """Pixel rectangle (rows, cols slices) covering the projections of world points; whole image if any is
+    behind the camera. Used to cast rays only where an object (or its shadow) can be."""
+    cam_height, sp, cp, focal = camera
+    points = np.asarray(points, dtype=np.float64)
+    rel_y = points[:, 1] - cam_height
+    forward = -sp * rel_y + cp * points[:, 2]
+    if (forward < 0.05).any():
+        return slice(0, height), slice(0, width)
+    cols = points[:, 0] / forward * focal + width / 2
+    rows = -(cp * rel_y + sp * points[:, 2]) / forward * focal + height / 2
+    row0, row1 = int(np.clip(np.floor(rows.min()) - 1, 0, height)), int(np.clip(np.ceil(rows.max()) + 2, 0, height))
+    col0, col1 = int(np.clip(np.floor(cols.min()) - 1, 0, width)), int(np.clip(np.ceil(cols.max()) + 2, 0, width))
+    return slice(row0, row1), slice(col0, col1)
+
+
+def _corners(obj):
+    x, _, z = obj["centre"]
+    reach = obj["reach"]
+    return [(x + sx * reach, y, z + sz * reach) for sx in (-1, 1) for sz in (-1, 1) for y in (0.0, obj["top"])]
+
+
+def _ground_albedo(rng, nrng, x, z):
+    base, other = _hsv(rng, (0.1, 0.6), (0.35, 0.8)), _hsv(rng, (0.1, 0.6), (0.35, 0.8))
+    cell = rng.uniform(0.5, 2.5)
+    ix, iz = np.floor(x / cell).astype(np.int64), np.floor(z / cell).astype(np.int64)
+    style = rng.randrange(3)
+    if style == 0:      # checkerboard
+        mix = ((ix + iz) & 1).astype(np.float32)
+    elif style == 1:    # tiles of random brightness
+        table = nrng.random((32, 32), np.float32)
+        mix = table[ix % 32, iz % 32]
+    else:               # stripes across the view
+        mix = (0.5 + 0.5 * np.sin(z * (2 * math.pi / cell))) ** 2
+    grain = nrng.random((64, 64), np.float32)            # fine texture in 12.5-cm cells
+    fine = grain[np.floor(x * 8).astype(np.int64) % 64, np.floor(z * 8).astype(np.int64) % 64]
+    return (base * (1 - mix[..., None]) + other * mix[..., None]) * (0.85 + 0.3 * fine[..., None])
+
+
+def render_scene(rng: random.Random, width: int, height: int):
+    """A random RGB-D scene: (PIL RGB image of width x height, float32 depth [H, W] in metres, 0 = sky)."""
+    nrng = np.random.default_rng(rng.getrandbits(63))
+    cam_height, pitch = rng.uniform(1.2, 3.0), math.radians(rng.uniform(2, 18))
+    tan_half = math.tan(math.radians(rng.uniform(50, 75)) / 2)
+    focal = width / 2 / tan_half
+    sp, cp = np.float32(math.sin(pitch)), np.float32(math.cos(pitch))
+    camera = (cam_height, sp, cp, focal)
+    # float32 rays: half the memory traffic of float64, and 1e-7 relative error is far below a pixel
+    u = ((np.arange(width) + 0.5 - width / 2) / focal).astype(np.float32)        # right
+    v = ((np.arange(height) + 0.5 - height / 2) / focal).astype(np.float32)      # down
+    # ray through pixel = forward + u*right - v*up; forward has unit length and the others are orthogonal to it,
+    # so the ray parameter t of a hit is its planar depth
+    dx = np.broadcast_to(u[None, :], (height, width))
+    dy = np.broadcast_to((-sp - v * cp)[:, None], (height, width))
+    dz = np.broadcast_to((cp - v * sp)[:, None], (height, width))
+    objects = _place_objects(rng, tan_half)
+
+    with np.errstate(divide="ignore"):
+        depth = np.where(dy < 0, -cam_height / dy, np.inf)
+    depth = np.where(depth * np.sqrt(dx * dx + dy * dy + dz * dz) < _GROUND_FAR, depth, np.inf)
+    hit = np.where(np.isfinite(depth), 0, -1)
+    normals = [np.zeros_like(dx), np.ones_like(dx), np.zeros_like(dx)]
+    boxes = [_screen_box(_corners(obj), camera, width, height) for obj in objects]
+    for index, (obj, (rows, cols)) in enumerate(zip(objects, boxes)):
+        t, normal = _intersect(obj, 0.0, cam_height, 0.0, dx[rows, cols], dy[rows, cols], dz[rows, cols])
+        closer = t < depth[rows, cols]
+        depth[rows, cols] = np.where(closer, t, depth[rows, cols])
+        hit[rows, cols] = np.where(closer, index + 1, hit[rows, cols])
+        for axis in range(3):
+            normals[axis][rows, cols] = np.where(closer, normal[axis], normals[axis][rows, cols])
+    valid = np.isfinite(depth)
+    safe = np.where(valid, depth, 0.0)
+    px, py, pz = dx * safe, cam_height + dy * safe, dz * safe
+
+    # albedo: textured ground, objects in their colour with optional stripes
+    albedo = _ground_albedo(rng, nrng, px, pz)
+    for index, (obj, box) in enumerate(zip(objects, boxes)):
+        on, region = hit[box] == index + 1, albedo[box]
+        if obj["stripes"]:
+            coord = (px, py, pz)[obj["stripe_axis"]][box][on]
+            region[on] = obj["colour"] * (0.75 + 0.25 * (np.sin(coord * obj["stripes"] * math.pi) > 0))[:, None]
+        else:
+            region[on] = obj["colour"]
+
+    # sun light with hard shadows: a shadow ray towards the sun from every hit point that the object's shadow
+    # volume (its corners and their ground projections along the light) can cover on screen
+    elevation, azimuth = math.radians(rng.uniform(25, 70)), rng.uniform(0, 2 * math.pi)
+    light = (math.cos(elevation) * math.cos(azimuth), math.sin(elevation), math.cos(elevation) * math.sin(azimuth))
+    lambert = np.clip(normals[0] * light[0] + normals[1] * light[1] + normals[2] * light[2], 0, 1)
+    lit = valid.copy()
+    origin = [px + normals[0] * 1e-3, py + normals[1] * 1e-3, pz + normals[2] * 1e-3]
+    for obj in objects:
+        corners = _corners(obj)
+        ground = [(x - y / light[1] * light[0], 0.0, z - y / light[1] * light[2]) for x, y, z in corners]
+        rows, cols = _screen_box(corners + ground, camera, width, height)
+        t, _ = _intersect(obj, origin[0][rows, cols], origin[1][rows, cols], origin[2][rows, cols], *light)
+        lit[rows, cols] &= ~np.isfinite(t)
+    ambient = rng.uniform(0.25, 0.45)
+    colour = albedo * (ambient + (1 - ambient) * lambert * lit)[..., None]
+
+    # sky gradient by ray elevation, and fog towards the horizon colour (a real aerial-perspective depth cue)
+    horizon, zenith = _hsv(rng, (0.05, 0.3), (0.8, 1.0)), _hsv(rng, (0.3, 0.7), (0.6, 0.95))
+    upward = np.clip(dy / np.sqrt(dx * dx + dy * dy + dz * dz), 0, 1)
+    sky = horizon + (zenith - horizon) * np.sqrt(upward)[..., None]
+    fog = 1 - np.exp(-safe / rng.uniform(30, 110))
+    colour = np.where(valid[..., None], colour * (1 - fog[..., None]) + horizon * fog[..., None], sky)
+    rgb = (np.clip(colour, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB"), safe.astype(np.float32)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drawing: labelled badges and region markers. Per-label fill colours are our legibility choice within the paper's
+# task: a small model reading 28x28-px tokens tells "a red 1" from "a green 2" far sooner than two tiny digits.
+
+_FONTS = {}
+
+
+def _font(size):
+    if size not in _FONTS:
+        _FONTS[size] = ImageFont.load_default(size=size)   # Pillow's embedded font: same glyphs on every machine
+    return _FONTS[size]
+
+
+def _marker_radius(width, height):
+    return max(6, round(0.05 * min(width, height)))
+
+
+def _draw_marker(draw, centre, label, radius):
+    """A filled circle in the label's colour with a black edge and a white, black-outlined digit on top."""
+    x, y = centre
+    draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=_PALETTE[label % 4], outline=(0, 0, 0),
+                 width=max(1, radius // 6))
+    draw.text((x, y), str(label), fill=(255, 255, 255), font=_font(round(radius * 1.5)), anchor="mm",
+              stroke_width=max(1, radius // 7), stroke_fill=(0, 0, 0))
+
+
+def _draw_grid_labels(image, rows, cols, patch_w, patch_h):
+    """2-px blue border around each patch and its position label in the top-left corner (spec 1.1)."""
+    draw = ImageDraw.Draw(image)
+    border = 2 if min(patch_w, patch_h) >= 48 else 1
+    radius = max(6, round(0.12 * min(patch_w, patch_h)))
+    radius = min(radius, _marker_radius(*image.size) + 4)
+    for position in range(rows * cols):
+        left, top = (position % cols) * patch_w, (position // cols) * patch_h
+        draw.rectangle((left, top, left + patch_w - 1, top + patch_h - 1), outline=_BORDER, width=border)
+        _draw_marker(draw, (left + border + 2 + radius, top + border + 2 + radius), position, radius)
+    return {"border": border, "label_box": 2 * radius + border + 4}
+
+# ---------------------------------------------------------------------------------------------------------------
+# The three depth-free tasks (spec 1.1-1.3)
+
+
+def _grid(image, rows, cols):
+    """Patches of a rows x cols grid, row-major; the image is cut to a multiple of the patch size (code: H // M)."""
+    width, height = image.size
+    patch_w, patch_h = width // cols, height // rows
+    if min(patch_w, patch_h) < MIN_PATCH:
+        raise Skip("too small")
+    pixels = np.asarray(image)
+    patches = [pixels[r * patch_h:(r + 1) * patch_h, c * patch_w:(c + 1) * patch_w] for r in range(rows)
+               for c in range(cols)]
+    return patches, patch_w, patch_h
+
+
+def _assemble(patches, rows, cols):
+    return np.concatenate([np.concatenate(patches[r * cols:(r + 1) * cols], axis=1) for r in range(rows)], axis=0)
+
+
+def shuffle_task(image, rng, variant=None):
+    """Shuffled patch reordering. variant indexes SHUFFLE_VARIANTS (default: drawn with the Tab. 6 weights)."""
+    if variant is None:
+        variant = rng.choices(range(len(SHUFFLE_VARIANTS)), weights=[v[3] for v in SHUFFLE_VARIANTS])[0]
+    rows, cols, masked, _ = SHUFFLE_VARIANTS[variant]
+    patches, patch_w, patch_h = _grid(image, rows, cols)
+    order = list(range(rows * cols))
+    rng.shuffle(order)                       # position p of the task image shows source patch order[p]
+    shown = [patches[k] for k in order]
+    masked_position = rng.randrange(rows * cols) if masked else None
+    if masked:
+        shown[masked_position] = np.full_like(shown[masked_position], 255)   # before the labels, as the code does
+    out = Image.fromarray(_assemble(shown, rows, cols))
+    drawn = _draw_grid_labels(out, rows, cols, patch_w, patch_h)
+    # answer: for each source position (row-major), the label of the patch that belongs there = argsort(order)
+    answer = "-".join(str(order.index(k)) for k in range(rows * cols))
+    if rows == cols == 2:
+        problem = _SHUFFLE_2X2.format(mask=_SHUFFLE_MASK if masked else "")
+    else:
+        n, kind = max(rows, cols), "horizontal" if rows == 1 else "vertical"
+        labels = ", ".join(str(k) for k in range(n - 1)) + f", and {n - 1}"
+        problem = _SHUFFLE_STRIPS.format(n=n, kind=kind, labels=labels, fmt=_STRIP_FORMATS[kind, n])
+    meta = {"grid": [rows, cols], "order": order, "masked": masked_position, "patch": [patch_w, patch_h], **drawn}
+    return Sample("shuffle", "<image>" + problem, answer, [out], meta)
+
+
+def flip_task(image, rng, min_change=6.0):
+    """Flipped patch recognition on a 2x2 grid; direction 0 = vertical (upside down), 1 = horizontal (mirror).
+
+    A flip of a near-symmetric patch (sky, a wall) is invisible and its answer unknowable, which the released code
+    never checks: we draw (patch, direction) uniformly among the pairs whose flip changes the patch by at least
+    `min_change` grey levels on average, and skip images with none.
+    """
+    patches, patch_w, patch_h = _grid(image, 2, 2)
+    grey = np.asarray(image.convert("L"), dtype=np.int16)
+    pairs = [(label, direction) for label in range(4) for direction in (0, 1)]
+    for label, direction in rng.sample(pairs, len(pairs)):
+        r, c = divmod(label, 2)
+        patch = grey[r * patch_h:(r + 1) * patch_h, c * patch_w:(c + 1) * patch_w]
+        if np.abs((patch[::-1] if direction == 0 else patch[:, ::-1]) - patch).mean() >= min_change:
+            break          # the first visible pair of a random order: uniform among the visible ones
+    else:
+        raise Skip("flip invisible")
+    shown = list(patches)
+    shown[label] = patches[label][::-1] if direction == 0 else patches[label][:, ::-1]
+    out = Image.fromarray(_assemble(shown, 2, 2))
+    drawn = _draw_grid_labels(out, 2, 2, patch_w, patch_h)   # drawn after the flip, so labels stay upright
+    meta = {"grid": [2, 2], "flipped": label, "direction": direction, "patch": [patch_w, patch_h], **drawn}
+    return Sample("flip", "<image>" + _FLIP, f"{label}-{direction}", [out], meta)
+
+
+def crop_task(image, rng, min_difference=4.0):
+    """Cropped patch inpainting: black out an s x s square (s = min(H, W) // 2), four options A-D.
+
+    Distractors are three of five transforms (Tab. 7), each resized to s x s. On flat content a transform can equal
+    the truth (a rotated blank patch), so a transform that differs from the truth or from a distractor already
+    taken by less than `min_difference` grey levels on average is passed over; fewer than three left means a skip.
+    """
+    width, height = image.size
+    side = min(width, height) // 2
+    if side < MIN_PATCH:
+        raise Skip("too small")
+    x, y = rng.randint(0, width - side), rng.randint(0, height - side)
+    quarter, half = side // 4, side // 2
+
+    def context(margin):
+        box = (max(0, x - margin), max(0, y - margin), min(width, x + side + margin), min(height, y + side + margin))
+        return image.resize((side, side), Image.BILINEAR, box=box, reducing_gap=1.5)
+
+    truth = image.crop((x, y, x + side, y + side))
+    makers = {"interior": lambda: truth.resize((side, side), Image.BILINEAR,
+                                               box=(quarter, quarter, side - quarter, side - quarter)),
+              "exterior_0.25": lambda: context(quarter), "exterior_0.5": lambda: context(half),
+              "rotate_cw": lambda: truth.transpose(Image.Transpose.ROTATE_270),
+              "rotate_ccw": lambda: truth.transpose(Image.Transpose.ROTATE_90)}
+    # distinctness is judged on 2x2-averaged copies (4x cheaper; a full-size difference is at least as large)
+    kept, seen = {"truth": truth}, [np.asarray(truth.reduce(2), dtype=np.int16)]
+    for name in rng.sample(sorted(makers), len(makers)):        # built lazily, in a random order
+        option = makers[name]()
+        small = np.asarray(option.reduce(2), dtype=np.int16)
+        if all(np.abs(small - other).mean() >= min_difference for other in seen):
+            kept[name] = option
+            seen.append(small)
+        if len(kept) == 4:
+            break
+    if len(kept) < 4:
+        raise Skip("crop distractors not distinct")
+    names = [name for name in kept if name != "truth"]
+    answer_index = rng.randrange(4)
+    names.insert(answer_index, "truth")
+    masked = image.copy()
+    masked.paste((0, 0, 0), (x, y, x + side, y + side))
+    meta = {"box": [x, y, side, side], "options": names}
+    return Sample("crop", _CROP, LETTERS[answer_index], [masked] + [kept[name] for name in names], meta)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Window statistics for the depth tasks. Per-block min/max/invalid counts come from strided slices of the image;
+# windows of k x k blocks are then a sliding min/max over the small block grid, and the invalid counts an integral
+# image. The centre candidates lie on the block grid (stride = block size), which replaces the released code's
+# per-pixel Python loop and its 15 s search time-out (machine-speed-dependent output).
+
+
+def _block_reduce(array, block, function):
+    """(rows * block, cols * block) -> (rows, cols) by an elementwise ufunc over strided slices (several times
+    faster than a multi-axis reduce of the reshaped array)."""
+    columns = functools.reduce(function, [array[:, k::block] for k in range(block)])
+    return functools.reduce(function, [columns[k::block] for k in range(block)])
+
+
+def _sliding(array, span, function):
+    """Running reduction over `span` consecutive rows: out[i] = function(array[i], ..., array[i + span - 1])."""
+    count = array.shape[0] - span + 1
+    return functools.reduce(function, [array[k:k + count] for k in range(span)])
+
+
+def _window_stats(norm, window):
+    """Windows of about `window` px on a block grid: centres (y, x), nanmin, nanmax, invalid count, true size."""
+    height, width = norm.shape
+    block = max(1, round(window / 5))
+    span = max(1, round(window / block))                      # window = span x span blocks
+    rows, cols = height // block, width // block
+    if rows < span or cols < span:
+        return None
+    cut = norm[:rows * block, :cols * block]
+    block_min = _block_reduce(cut, block, np.fmin)            # fmin/fmax skip NaN, like the code's nanmin/nanmax
+    block_max = _block_reduce(cut, block, np.fmax)
+    counts = np.zeros((rows + 1, cols + 1))
+    counts[1:, 1:] = _block_reduce(np.isnan(cut).astype(np.uint16), block, np.add).cumsum(0).cumsum(1)
+    win_min = _sliding(_sliding(block_min, span, np.fmin).T, span, np.fmin).T
+    win_max = _sliding(_sliding(block_max, span, np.fmax).T, span, np.fmax).T
+    win_invalid = counts[span:, span:] - counts[:-span, span:] - counts[span:, :-span] + counts[:-span, :-span]
+    size = span * block
+    ys, xs = np.meshgrid(np.arange(win_min.shape[0]) * block + size // 2,
+                         np.arange(win_min.shape[1]) * block + size // 2, indexing="ij")
+    return {"y": ys.ravel(), "x": xs.ravel(), "min": win_min.ravel(), "max": win_max.ravel(),
+            "invalid": win_invalid.ravel(), "size": size}
+
+
+def _squeeze(array):
+    """H x W x 1 (DIODE's depth and mask) to H x W; anything else unchanged."""
+    array = np.asarray(array)
+    return array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
+
+
+def _check_depth(image, depth, mask):
+    """Depth as float [H, W] with NaN where invalid (<= 0, non-finite, or masked out)."""
+    depth = _squeeze(depth)
+    if depth.ndim != 2 or depth.shape != (image.size[1], image.size[0]):
+        raise Skip("depth shape mismatch")
+    depth = depth.astype(np.float32, copy=False)
+    with np.errstate(invalid="ignore"):
+        valid = np.isfinite(depth) & (depth > 0)
+    if mask is not None:
+        mask = _squeeze(mask)
+        if mask.shape != depth.shape:
+            raise Skip("mask shape mismatch")
+        valid &= mask.astype(bool)
+    if valid.sum() < 0.05 * valid.size:
+        raise Skip("too little valid depth")
+    return np.where(valid, depth, np.float32(np.nan)), valid
+
+
+def _marker_fits(candidates, radius, width, height):
+    """Boolean filter: a marker of this radius at the candidate centre lies wholly inside the image."""
+    return ((candidates["x"] > radius) & (candidates["x"] < width - 1 - radius)
+            & (candidates["y"] > radius) & (candidates["y"] < height - 1 - radius))
+
+
+def _spaced(candidates, index, chosen, min_distance):
+    """Boolean filter: candidates at least min_distance px from every chosen (y, x)."""
+    keep = index.copy()
+    for y, x in chosen:
+        keep &= (candidates["y"] - y) ** 2 + (candidates["x"] - x) ** 2 >= min_distance ** 2
+    return keep
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two depth-based tasks (spec 1.4-1.5)
+
+
+def depth_task(image, depth, mask, rng):
+    """Regional depth ordering: three marked regions in near/mid/far bands, answer nearest-to-farthest labels.
+
+    Normalisation and bands follow Depth.py (p0.5 -> 0, p99.5 -> 1, centres in [0, .3], [.35, .65], [.7, 1], a flat
+    25x25 window with range < 0.15, else 11x11 with < 0.2). Depth.py only approximates the paper's gap rule
+    (spec 6.3); we also enforce it exactly on the chosen windows: min of the farther window - max of the nearer
+    > d_min = 0.05, so every answer is unambiguous.
+    """
+    depth, valid = _check_depth(image, depth, mask)
+    height, width = depth.shape
+    # percentiles on a regular grid of ~20k pixels: the same to ~1e-3 of the range, and 10x faster at 640x480
+    stride = max(1, round(math.sqrt(depth.size / 20000)))
+    values = depth[::stride, ::stride][valid[::stride, ::stride]]
+    if values.size < 16:
+        raise Skip("too little valid depth")
+    low, high = np.percentile(values, (0.5, 99.5))
+    if not high > low:
+        raise Skip("flat depth")
+    # pixels outside [p0.5, p99.5] are invalid in Depth.py; a window holds none exactly when min >= 0 and max <= 1
+    norm = (depth - np.float32(low)) * np.float32(1 / (high - low))
+    scale = _pixel_scale(height, width)
+    radius = _marker_radius(width, height)
+    for window, max_range in ((max(5, 25 * scale), 0.15), (max(3, 11 * scale), 0.2)):
+        stats = _window_stats(norm, window)
+        if stats is None:
+            raise Skip("too small")
+        centre = norm[stats["y"], stats["x"]]
+        flat = ((stats["invalid"] == 0) & (stats["min"] >= 0) & (stats["max"] <= 1)
+                & (stats["max"] - stats["min"] < max_range) & _marker_fits(stats, radius, width, height))
+        bands = [flat & (centre >= 0.0) & (centre <= 0.3), flat & (centre >= 0.35) & (centre <= 0.65),
+                 flat & (centre >= 0.7) & (centre <= 1.0)]
+        min_distance = max(2.2 * radius, 1.5 * stats["size"])
+        chosen, previous_max = [], -np.inf
+        for band in bands:
+            keep = _spaced(stats, band & (stats["min"] - previous_max > 0.05), chosen, min_distance)
+            options = np.flatnonzero(keep)
+            if options.size == 0:
+                break
+            pick = options[rng.randrange(options.size)]
+            chosen.append((int(stats["y"][pick]), int(stats["x"][pick])))
+            previous_max = stats["max"][pick]
+        if len(chosen) == 3:
+            break
+    else:
+        raise Skip("no depth regions")
+    labels = [1, 2, 3]
+    rng.shuffle(labels)                      # labels[i] marks the i-th nearest region
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    for (y, x), label in zip(chosen, labels):
+        _draw_marker(draw, (x, y), label, radius)
+    by_label = sorted(zip(labels, chosen))
+    meta = {"centres": [[x, y] for _, (y, x) in by_label],   # label 1, 2, 3: [x, y] px
+            "depths": [float(depth[y, x]) for _, (y, x) in by_label],
+            "normalised": [float(norm[y, x]) for _, (y, x) in by_label],
+            "window": int(stats["size"]), "max_range": max_range}
+    return Sample("depth", "<image>" + _DEPTH, "-".join(map(str, labels)), [out], meta)
+
+
+# Answer of the released code's table (spec 1.5), keyed by facing: lateral and front/back words from the signs of
+# dx (target right of the camera point in the image) and dd (target farther). It equals the paper's rotation
+# [x~, z~] = Rot(theta) [dx, dd] with theta = 0 away, 90 left, 180 towards, 270 right; tests check that.
+def _relation(facing, dx, dd):
+    lateral = {"away": ("Right", "Left", dx), "towards": ("Left", "Right", dx),
+               "left": ("Right", "Left", dd), "right": ("Left", "Right", dd)}[facing]
+    depthwise = {"away": ("Front", "Back", dd), "towards": ("Back", "Front", dd),
+                 "left": ("Back", "Front", dx), "right": ("Front", "Back", dx)}[facing]
+    return (lateral[0] if lateral[2] >= 0 else lateral[1]), (depthwise[0] if depthwise[2] >= 0 else depthwise[1])
+
+
+def position_task(image, depth, mask, rng, facing_weights=None, kind=None):
+    """Relative 3D position: camera at one marked region facing left/right/towards/away, where is the other?
+
+    Pairs follow Position.py: min-max normalised depth, flat 15x15 windows (nanmax - nanmin <= 0.15; we also ask
+    for half the window and its centre valid) centred within 45% of the frame from its middle. "far": depth gap
+    >= 0.25 and distance >= min(H, W) // 8; a lateral gap > 150 px gives the diagonal options, else the answer is by
+    depth alone. "near": depth ranges within 0.25 of each other, |dy| < 30 px, |dx| >= min(H, W) // 8; answer by dx
+    alone. The sign uses raw depth (window nanmax, as the code stores). Lateral offsets are image-plane pixels, as
+    in the paper's thresholds. kind picks "near" or "far" (default: a fair coin; the code's mix is not stated).
+    """
+    depth, valid = _check_depth(image, depth, mask)
+    height, width = depth.shape
+    low, high = float(np.nanmin(depth)), float(np.nanmax(depth))
+    if not high > low:
+        raise Skip("flat depth")
+    norm = (depth - np.float32(low)) * np.float32(1 / (high - low))
+    scale = _pixel_scale(height, width)
+    radius = _marker_radius(width, height)
+    stats = _window_stats(norm, max(5, 15 * scale))
+    if stats is None:
+        raise Skip("too small")
+    size = stats["size"]
+    central = ((np.abs(stats["y"] - height / 2) <= 0.45 * height) & (np.abs(stats["x"] - width / 2) <= 0.45 * width)
+               & (stats["invalid"] <= size * size / 2) & (stats["max"] - stats["min"] <= 0.15)
+               & valid[stats["y"], stats["x"]] & _marker_fits(stats, radius, width, height))
+    candidates = np.flatnonzero(central)
+    if candidates.size < 2:
+        raise Skip("no position regions")
+    ys, xs = stats["y"].astype(np.int64), stats["x"].astype(np.int64)
+    window_min, window_max = stats["min"], stats["max"]
+    min_dx = max(min(height, width) // 8, 2.2 * radius)
+    kinds = [kind] if kind else (["near", "far"] if rng.random() < 0.5 else ["far", "near"])
+    pair = None
+    for pair_kind in kinds:
+        for _ in range(8):        # a few random first regions, then every partner of it at once
+            first = candidates[rng.randrange(candidates.size)]
+            dx_all, dy_all = xs[candidates] - xs[first], ys[candidates] - ys[first]
+            if pair_kind == "far":
+                gap = (np.maximum(window_min[candidates], window_min[first])
+                       - np.minimum(window_max[candidates], window_max[first]))
+                ok = (gap >= 0.25) & (dx_all ** 2 + dy_all ** 2 >= max(min(height, width) // 8, 2.2 * radius) ** 2)
+            else:
+                ok = ((np.abs(window_max[first] - window_min[candidates]) <= 0.25)
+                      & (np.abs(window_max[candidates] - window_min[first]) <= 0.25)
+                      & (np.abs(dy_all) < max(30 * scale, 1)) & (np.abs(dx_all) >= min_dx))
+            partners = candidates[ok]
+            if partners.size:
+                pair = (first, partners[rng.randrange(partners.size)], pair_kind)
+                break
+        if pair:
+            break
+    if pair is None:
+        raise Skip("no position pair")
+    first, second, pair_kind = pair
+    camera_region, target_region = (first, second) if rng.random() < 0.5 else (second, first)
+    raw_max = {}
+    half = size // 2
+    for region in (camera_region, target_region):
+        y, x = ys[region], xs[region]
+        raw_max[region] = float(np.nanmax(depth[max(0, y - half):y + half + 1, max(0, x - half):x + half + 1]))
+    facing = rng.choices(FACINGS, weights=facing_weights or (1, 1, 1, 1))[0]
+    dx = int(xs[target_region] - xs[camera_region])
+    dd = raw_max[target_region] - raw_max[camera_region]
+    lateral, depthwise = _relation(facing, dx, dd)
+    diagonal_gap = 150 * scale
+    if pair_kind == "far" and abs(dx) > diagonal_gap:
+        variant, truth, options = "diagonal", f"{lateral}-{depthwise}", ["Left-Front", "Right-Front", "Right-Back",
+                                                                         "Left-Back"]
+    else:
+        # one axis decides: by depth alone for far pairs, by image x alone for near ones
+        variant = "far" if pair_kind == "far" else "near"
+        decides_lateral = (facing in ("left", "right")) == (variant == "far")
+        truth, options = (lateral if decides_lateral else depthwise), ["Left", "Right", "Front", "Back"]
+    rng.shuffle(options)
+    camera_label = rng.choice((1, 2))
+    target_label = 3 - camera_label
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    for region, label in ((camera_region, camera_label), (target_region, target_label)):
+        _draw_marker(draw, (int(xs[region]), int(ys[region])), label, radius)
+    problem = _POSITION.format(camera=camera_label, facing=_FACING_PHRASES[facing], target=target_label,
+                               options=" ".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options)),
+                               ignore=" and ignore the height difference between the two regions"
+                               if variant != "near" else "")
+    meta = {"camera": [int(xs[camera_region]), int(ys[camera_region])],
+            "target": [int(xs[target_region]), int(ys[target_region])],
+            "camera_label": camera_label, "facing": facing, "variant": variant, "options": options,
+            "dx": dx, "dd": dd, "camera_depth": raw_max[camera_region], "target_depth": raw_max[target_region],
+            "window": int(size), "diagonal_gap": diagonal_gap}
+    return Sample("position", "<image>" + problem, LETTERS[options.index(truth)], [out], meta)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward (spec section 2: EasyR1 `img_score` with mathruler's `extract_boxed_content`). Same results as those
+# regexes, rewritten so adversarial responses cost linear time: `\s*(<|>|/)\s*` and `<think>.*</think>.*\\boxed\{.*\}.*`
+# backtrack quadratically on long runs of spaces or repeated tags.
+
+# A whitespace run touching '<', '>' or '/'. Matches start only at a run's first character (the lookbehind), and
+# the possessive \s++ never backtracks, so each run is scanned once.
+_AROUND_TAG = re.compile(r"(?<!\s)\s++(?=[<>/])|(?<=[<>/])\s++")
+
+
+def _normalise(response):
+    """Equal to re.sub(r"\s*(<|>|/)\s*", r"\1", response): drop every whitespace run next to '<', '>' or '/'."""
+    return _AROUND_TAG.sub("", response)
+
+
+def _format_ok(text):
+    """re.fullmatch(r"<think>.*</think>.*\\\\boxed\\{.*\\}.*", text, re.DOTALL), by taking the earliest of each part."""
+    if not text.startswith("<think>"):
+        return False
+    close = text.find("</think>", 7)
+    box = text.find("\\boxed{", close + 8) if close >= 0 else -1
+    return box >= 0 and text.find("}", box + 7) >= 0
+
+
+def extract_boxed(response: str):
+    """Content of the last \\boxed{...} with balanced braces, stripped; None when there is none (mathruler returns
+    the string "None" there). An unclosed last box gives None, as in mathruler: no falling back to an earlier one."""
+    start = response.rfind("\\boxed{")
+    if start < 0:
+        return None
+    content = response[start + 7:]
+    # brace depth after each character, in C: the box closes where the running sum first reaches -1
+    codes = np.frombuffer(content.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    depth = np.cumsum((codes == ord("{")).astype(np.int32) - (codes == ord("}")))
+    closing = np.flatnonzero(depth == -1)
+    return content[:closing[0]].strip() if closing.size else None
+
+
+def reward(response: str, answer: str) -> dict:
+    """{"overall", "format", "accuracy"}: overall = 0.9 * accuracy + 0.1 * format, accuracy by exact string match."""
+    text = _normalise(response)
+    format_score = 1.0 if _format_ok(text) else 0.0
+    accuracy = 1.0 if extract_boxed(text) == answer else 0.0
+    return {"overall": 0.9 * accuracy + 0.1 * format_score, "format": format_score, "accuracy": accuracy}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input discovery and loading. Layouts found recursively under --rgbd, each image with the first depth that exists:
+#   plain:     NAME.jpg|png + NAME.npy (H x W; <= 0 or non-finite = invalid) [+ NAME_mask.npy]
+#   16-bit:    NAME.jpg|png + NAME_depth.png (uint16, 0 = invalid; units do not matter, tasks normalise depth)
+#   DIODE:     NAME.png + NAME_depth.npy (H x W x 1) + NAME_depth_mask.npy
+#   MegaDepth: .../imgs/NAME.jpg + .../depths/NAME.h5 (dataset "depth"; needs the optional h5py)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_LOAD_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _to_rgb(image):
+    """Any PIL mode to RGB: EXIF orientation applied, 16-bit scaled down, transparency composited on white."""
+    if image.getexif().get(0x0112, 1) != 1:          # orientation tag; exif_transpose copies even when upright
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "F" and pixels.max() > 255 else 255.0
+        if image.mode == "F":
+            top = max(float(np.nanmax(pixels)), 1e-12)
+        image = Image.fromarray((np.clip(np.nan_to_num(pixels) / top, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGB", image.size, (255, 255, 255))
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_rgb(path):
+    """An RGB PIL image, or Skip("corrupt image") for anything PIL cannot fully decode."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image)
+    except _LOAD_ERRORS:
+        raise Skip("corrupt image") from None
+
+
+def load_depth(path):
+    """A float32 depth array from .npy, 16-bit .png or MegaDepth .h5 (Skip with the reason when unreadable)."""
+    try:
+        if path.endswith(".npy"):
+            depth = np.load(path, allow_pickle=False)
+        elif path.endswith(".h5"):
+            try:
+                import h5py            # optional: only MegaDepth needs it
+            except ImportError:
+                raise Skip("MegaDepth .h5 depth needs h5py (pip install h5py)") from None
+            with h5py.File(path, "r") as handle:
+                depth = np.asarray(handle["depth"])
+        else:
+            with Image.open(path) as image:
+                depth = np.asarray(image)
+    except Skip:
+        raise
+    except (*_LOAD_ERRORS, KeyError):
+        raise Skip("corrupt depth") from None
+    if depth.dtype.kind not in "fiub" or depth.ndim not in (2, 3):
+        raise Skip("depth shape mismatch")
+    return depth.astype(np.float32, copy=False)
+
+
+def load_rgbd(image_path, depth_path, mask_path=None):
+    """(RGB image, depth [H, W], mask [H, W] or None), or Skip when a file is unreadable or the shapes differ."""
+    image = load_rgb(image_path)
+    depth = _squeeze(load_depth(depth_path))
+    if depth.shape != (image.size[1], image.size[0]):
+        raise Skip("depth shape mismatch")
+    mask = None
+    if mask_path:
+        try:
+            mask = _squeeze(np.load(mask_path, allow_pickle=False))
+        except _LOAD_ERRORS:
+            raise Skip("corrupt mask") from None
+        if mask.shape != depth.shape:
+            raise Skip("mask shape mismatch")
+    return image, depth, mask
+
+
+def find_images(root):
+    """Every image file under root, recursively, sorted (depth PNGs excluded)."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        found += [os.path.join(folder, name) for name in sorted(files)
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.endswith("_depth.png")]
+    return found
+
+
+def find_rgbd(root):
+    """[(image, depth, mask or None)] under root, and a Counter of skipped files (depth without image and so on)."""
+    pairs, claimed, depth_files, skipped = [], set(), [], Counter()
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        for name in sorted(files):
+            if (name.endswith((".npy", "_depth.png")) and not name.endswith("_mask.npy")) or name.endswith(".h5"):
+                depth_files.append(os.path.join(folder, name))
+    for image in find_images(root):
+        folder, stem = os.path.dirname(image), os.path.splitext(os.path.basename(image))[0]
+        candidates = [os.path.join(folder, stem + suffix) for suffix in (".npy", "_depth.npy", "_depth.png")]
+        if os.path.basename(folder) == "imgs":
+            candidates.append(os.path.join(os.path.dirname(folder), "depths", stem + ".h5"))
+        depth = next((path for path in candidates if os.path.isfile(path)), None)
+        if depth is None:
+            skipped["image without depth"] += 1
+            continue
+        mask = next((os.path.join(folder, stem + suffix) for suffix in ("_mask.npy", "_depth_mask.npy")
+                     if os.path.isfile(os.path.join(folder, stem + suffix))), None)
+        pairs.append((image, depth, mask))
+        claimed.add(depth)
+    skipped["depth without image"] += sum(path not in claimed for path in depth_files)
+    return pairs, +skipped
+
+
+def _fit(image, max_side, depth=None, mask=None):
+    """Downscale so the longer side is at most max_side (never up); depth and mask by nearest neighbour."""
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image, depth, mask
+    factor = max_side / max(width, height)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    image = image.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    if depth is not None:
+        depth = np.asarray(Image.fromarray(depth.astype(np.float32), "F").resize(size, Image.NEAREST))
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.NEAREST)).astype(bool)
+    return image, depth, mask
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records: our jsonl, or the released spatialssrl.parquet + image folders (pyarrow optional)
+
+
+def _inside(root, relative, where):
+    """Absolute path of an image, refusing absolute paths and anything that resolves outside root."""
+    if not isinstance(relative, str) or not relative:
+        raise BadRecord(f"{where}: image path must be a non-empty string, got {relative!r}")
+    if os.path.isabs(relative) or ".." in re.split(r"[\\/]", relative):
+        raise BadRecord(f"{where}: image path {relative!r} must be relative to the dataset root, without '..'")
+    path = os.path.join(root, relative)
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        raise BadRecord(f"{where}: image path {relative!r} leaves the dataset root (symlink?)")
+    return path
+
+
+def _read_parquet(path):
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    return parquet.read_table(path, columns=["problem", "answer", "images"]).to_pylist()
+
+
+def load_records(root, split="train"):
+    """Records of one split: {"id", "task", "problem", "answer", "images": [absolute paths], "meta"}."""
+    root = os.path.abspath(root)
+    jsonl = os.path.join(root, f"{split}.jsonl")
+    if os.path.isfile(jsonl):
+        rows = []
+        with open(jsonl, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise BadRecord(f"{jsonl}:{number}: not JSON ({error.msg})") from None
+        source, check_placeholders = jsonl, True
+    else:
+        names = [f"{split}.parquet", os.path.join("data", "parquets", f"{split}.parquet")]
+        names += ["spatialssrl.parquet"] if split == "train" else []
+        source = next((os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n))), None)
+        if source is None:
+            raise FileNotFoundError(f"no {split}.jsonl or {split} parquet ({', '.join(names)}) in {root}")
+        rows, check_placeholders = _read_parquet(source), False   # the release's placeholder layout is unchecked
+    records = []
+    for number, row in enumerate(rows, 1):
+        where = f"{source}:{number}"
+        if not isinstance(row, dict) or not all(key in row for key in ("problem", "answer", "images")):
+            raise BadRecord(f"{where}: needs the fields problem, answer, images")
+        relatives = [item.get("path") if isinstance(item, dict) else item for item in row["images"] or []]
+        images = [_inside(root, relative, where) for relative in relatives]
+        if check_placeholders and row["problem"].count("<image>") != len(images):
+            raise BadRecord(f"{where}: {row['problem'].count('<image>')} <image> placeholders for {len(images)} images")
+        task = row.get("task") or next((part for part in re.split(r"[\\/]", relatives[0] if relatives else "")
+                                        if part in TASKS), "unknown")
+        records.append({"id": row.get("id", f"{split}-{number - 1:06d}"), "task": task, "problem": row["problem"],
+                        "answer": str(row["answer"]), "images": images, "meta": row.get("meta", {})})
+    return records
+
+
+def open_images(record):
+    """The record's images as RGB PIL images; BadRecord("path: reason") when one is missing or corrupt."""
+    images = []
+    for path in record["images"]:
+        if not os.path.isfile(path):
+            raise BadRecord(f"{path}: missing")
+        try:
+            images.append(load_rgb(path))
+        except Skip as error:
+            raise BadRecord(f"{path}: {error}") from None
+    return images
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset builder. Each sample is a pure function of (seed, split, task, index, attempt), so the output is the same
+# bytes whatever the number of workers; a skipped attempt moves on to the next attempt's source.
+
+DEPTH_TASKS = ("depth", "position")
+MAX_ATTEMPTS = 40
+_SCENE_CACHE = {}
+_CONTEXT = {}   # per process: set by _start_worker (the pool initializer) or build_dataset itself
+
+
+def _start_worker(context):
+    _CONTEXT.clear()
+    _CONTEXT.update(context)
+
+
+def _scene(name, width):
+    """Rendered scene `name`, cached for the next call: jobs run index-major, so the five tasks of one index share
+    a scene (five times fewer renders, and the cache never changes what a job produces)."""
+    if _SCENE_CACHE.get("name") != name:
+        image, depth = render_scene(random.Random(f"scene:{name}"), width, max(MIN_PATCH, round(width * 3 / 4)))
+        _SCENE_CACHE.update(name=name, image=image, depth=depth)
+    return _SCENE_CACHE["image"], _SCENE_CACHE["depth"]
+
+
+def _attempt(task, rng, split, index, attempt):
+    context = _CONTEXT
+    kind = "rgbd" if task in DEPTH_TASKS else "rgb"
+    pool = context["sources"][split][kind]
+    depth = mask = None
+    if pool is None:
+        image, depth = _scene(f"{context['seed']}:{split}:{index}:{attempt}", context["max_side"])
+        source = f"scene:{context['seed']}:{split}:{index}:{attempt}"
+    else:
+        entry = pool[rng.randrange(len(pool))]
+        source = os.path.relpath(entry[0], context["roots"][kind])
+        if task in DEPTH_TASKS:
+            image, depth, mask = load_rgbd(*entry)
+        else:
+            image = load_rgb(entry[0])
+    image, depth, mask = _fit(image, context["max_side"], depth, mask)
+    if task == "depth":
+        sample = depth_task(image, depth, mask, rng)
+    elif task == "position":
+        sample = position_task(image, depth, mask, rng, facing_weights=context["facing_weights"])
+    else:
+        sample = {"shuffle": shuffle_task, "flip": flip_task, "crop": crop_task}[task](image, rng)
+    sample.meta = {"source": source, "size": list(image.size), **sample.meta}
+    return sample
+
+
+def _make_sample(job):
+    """One record (or None after MAX_ATTEMPTS skips) and the Counter of skip reasons on the way."""
+    split, task, index = job
+    context, skips = _CONTEXT, Counter()
+    for attempt in range(MAX_ATTEMPTS):
+        name = f"{context['seed']}:{split}:{task}:{index}:{attempt}"
+        try:
+            sample = _attempt(task, random.Random(name), split, index, attempt)
+        except Skip as reason:
+            skips[f"{task}: {reason}"] += 1
+            continue
+        paths = []
+        for number, image in enumerate(sample.images):
+            relative = f"{task}/{split}_{index:06d}_{number}.jpg"
+            path = os.path.join(context["out"], relative)
+            image.save(path + ".tmp", "JPEG", quality=95)       # atomic, like the jsonl
+            os.replace(path + ".tmp", path)
+            paths.append(relative)
+        record = {"id": f"{split}-{task}-{index:06d}", "task": task, "problem": sample.problem,
+                  "answer": sample.answer, "images": paths, "meta": sample.meta}
+        return record, skips
+    return None, skips
+
+
+def _split_sources(items, seed, eval_share):
+    """Disjoint (train, eval) source lists: a seeded shuffle, eval takes its share (at least one when asked)."""
+    items = list(items)
+    random.Random(f"{seed}:split").shuffle(items)
+    if eval_share <= 0 or len(items) < 2:
+        return items, []
+    count = min(len(items) - 1, max(1, round(len(items) * eval_share)))
+    return items[count:], items[:count]
+
+
+def _progress(done, total, start, final=False):
+    width = 30
+    filled = width * done // max(total, 1)
+    rate = done / max(time.time() - start, 1e-9)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} samples {rate:6.1f}/s")
+    if final:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _write_atomic(path, lines):
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def build_dataset(out, rgb=None, rgbd=None, per_task=1000, eval_per_task=100, tasks=TASKS, seed=0, workers=1,
+                  max_side=640, overwrite=False, progress=True, facing_weights=None):
+    """Write out/train.jsonl, out/eval.jsonl and out/<task>/*.jpg; return a summary dict.
+
+    Sources: RGB tasks use --rgb images (else the --rgbd images), depth tasks the --rgbd pairs; without inputs,
+    scenes rendered at max_side x 3/4 max_side. Eval samples come from source images disjoint from train.
+    """
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; choose from {TASKS}")
+    for flag, folder in (("rgb", rgb), ("rgbd", rgbd)):
+        if folder and not os.path.isdir(folder):
+            raise ValueError(f"--{flag} {folder}: not a directory")
+    if max_side < 4 * MIN_PATCH or per_task < 0 or eval_per_task < 0:
+        raise ValueError(f"need max_side >= {4 * MIN_PATCH} and non-negative sample counts")
+    out = os.path.abspath(out)
+    existing = [name for name in ("train.jsonl", "eval.jsonl") if os.path.exists(os.path.join(out, name))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a dataset ({', '.join(existing)}); pass overwrite=True "
+                              "(--overwrite) to replace it")
+    for name in existing:          # drop the old dataset's images so none are left unreferenced
+        try:
+            old = load_records(out, name.split(".")[0])
+        except BadRecord:
+            old = []
+        for path in (path for record in old for path in record["images"]):
+            if os.path.isfile(path):
+                os.remove(path)
+        os.remove(os.path.join(out, name))
+    start = time.time()
+    skips = Counter()
+    eval_share = eval_per_task / max(per_task + eval_per_task, 1)
+    sources = {"train": {"rgb": None, "rgbd": None}, "eval": {"rgb": None, "rgbd": None}}   # None: rendered
+    described = {"rgb": "rendered scenes", "rgbd": "rendered scenes"}
+    if rgbd:
+        pairs, skipped = find_rgbd(rgbd)
+        skips.update({f"input: {reason}": count for reason, count in skipped.items()})
+        train, held_out = _split_sources(pairs, seed, eval_share)
+        sources["train"]["rgbd"], sources["eval"]["rgbd"] = train, held_out
+        described["rgbd"] = f"{len(pairs)} RGB-D pairs in {rgbd}"
+        if not rgb:
+            sources["train"]["rgb"], sources["eval"]["rgb"] = train, held_out
+            described["rgb"] = described["rgbd"]
+    if rgb:
+        images = [(path,) for path in find_images(rgb)]
+        train, held_out = _split_sources(images, seed, eval_share)
+        sources["train"]["rgb"], sources["eval"]["rgb"] = train, held_out
+        described["rgb"] = f"{len(images)} images in {rgb}"
+    for split, count in (("train", per_task), ("eval", eval_per_task)):
+        for kind in {"rgbd" if task in DEPTH_TASKS else "rgb" for task in tasks}:
+            if count and sources[split][kind] == []:
+                skips[f"input: no {kind} sources for {split}"] += 1
+    roots = {"rgb": os.path.abspath(rgb or rgbd or "."), "rgbd": os.path.abspath(rgbd or ".")}
+    context = {"out": out, "seed": seed, "max_side": max_side, "sources": sources, "roots": roots,
+               "facing_weights": tuple(facing_weights) if facing_weights else None}
+    for task in tasks:
+        os.makedirs(os.path.join(out, task), exist_ok=True)
+    jobs = [(split, task, index) for split, count in (("train", per_task), ("eval", eval_per_task))
+            for index in range(count) for task in tasks
+            if sources[split]["rgbd" if task in DEPTH_TASKS else "rgb"] != []]
+    records = {"train": [], "eval": []}
+    counts = {split: Counter() for split in records}
+    last_shown = 0.0
+    if workers > 1 and len(jobs) > 1:
+        pool = multiprocessing.get_context("spawn").Pool(workers, _start_worker, (context,))
+        results = pool.imap(_make_sample, jobs, chunksize=4 * len(tasks))
+    else:
+        pool = None
+        _start_worker(context)
+        results = map(_make_sample, jobs)
+    try:
+        for done, ((split, task, _), (record, job_skips)) in enumerate(zip(jobs, results), 1):
+            skips.update(job_skips)
+            if record is not None:
+                records[split].append(json.dumps(record) + "\n")
+                counts[split][task] += 1
+            if progress and (time.time() - last_shown > 0.25 or done == len(jobs)):
+                last_shown = time.time()
+                _progress(done, len(jobs), start, final=done == len(jobs))
+    finally:
+        if pool is not None:
+            pool.terminate()
+    os.makedirs(out, exist_ok=True)
+    for split in ("eval", "train"):       # train.jsonl last: its presence marks a finished build
+        _write_atomic(os.path.join(out, f"{split}.jsonl"), records[split])
+    seconds = time.time() - start
+    total = sum(len(lines) for lines in records.values())
+    return {"out": out, "train": dict(counts["train"]), "eval": dict(counts["eval"]),
+            "missing": {f"{split}/{task}": (per_task if split == "train" else eval_per_task) - counts[split][task]
+                        for split in records for task in tasks
+                        if counts[split][task] < (per_task if split == "train" else eval_per_task)},
+            "skips": dict(sorted(skips.items())), "sources": described, "samples": total,
+            "seconds": round(seconds, 2), "samples_per_s": round(total / max(seconds, 1e-9), 1)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build a Spatial-SSRL pretext-task dataset (jsonl + images).")
+    parser.add_argument("--out", required=True, help="output directory (train.jsonl, eval.jsonl, <task>/*.jpg)")
+    parser.add_argument("--rgb", help="folder of RGB images for shuffle/flip/crop (searched recursively)")
+    parser.add_argument("--rgbd", help="folder of RGB-D pairs (plain .npy, 16-bit png, DIODE or MegaDepth layout)")
+    parser.add_argument("--per-task", type=int, default=1000, help="training samples per task")
+    parser.add_argument("--eval-per-task", type=int, default=100, help="eval samples per task (disjoint sources)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to build")
+    parser.add_argument("--seed", type=int, default=0, help="seed; same seed and inputs give the same bytes")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
+    parser.add_argument("--max-side", type=int, default=640, help="longer image side in px (rendered scenes: "
+                        "max-side x 3/4 max-side; inputs are downscaled, never upscaled)")
+    parser.add_argument("--facing-weights", choices=("paper", "code"), default="paper",
+                        help="relative position facing: uniform (paper) or 30/30/30/10 (released Position.py)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = parser.parse_args(argv)
+    try:
+        summary = build_dataset(args.out, args.rgb, args.rgbd, args.per_task, args.eval_per_task, tuple(args.tasks),
+                                args.seed, args.workers, args.max_side, args.overwrite, not args.no_progress,
+                                FACING_WEIGHTS_CODE if args.facing_weights == "code" else None)
+    except (FileExistsError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
