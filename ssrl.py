@@ -1,0 +1,1363 @@
+"""Spatial-SSRL (arXiv 2510.27606) from scratch: self-supervised spatial pretext tasks, an SFT cold start, then GRPO.
+
+One file, in the order the data flows: flags -> compute init -> model, tokenizer and processor -> prompts ->
+cold-start answers -> SFT -> evaluation -> checkpoints and metrics -> main.
+
+    python ssrl.py --stage sft                     # CPU, minutes: build tiny data, eval, SFT cold start, eval
+    python ssrl.py                                 # the whole recipe (cold start, then GRPO)
+    python ssrl.py --eval runs/ssrl/checkpoint-120 # greedy eval of a checkpoint on the held-out split
+    python ssrl.py --eval CKPT --eval-tsv WhatsUp.tsv 3DSRBench.tsv   # VLMEvalKit-style multiple-choice TSVs
+    python ssrl.py --plot runs/ssrl                # metrics.jsonl -> metrics.png (needs matplotlib)
+    torchrun --nproc_per_node 8 ssrl.py --model qwen2.5-vl-7b --data data/spatial-ssrl-81k
+    python ssrl.py --model qwen3-vl-4b --init random --stage sft   # real architecture, random weights (speed/memory)
+
+Defaults are the paper's recipe (spec section 3); the tiny presets (`tiny-qwen2.5-vl`, the default, and
+`tiny-qwen3-vl`) replace some of them with `TINY_DEFAULTS` so that a 2-core CPU learns something in minutes.
+Everything a run writes goes under --out: metrics.jsonl, eval-<stage>.json, checkpoint-<step>/ folders that
+`AutoModelForImageTextToText.from_pretrained` loads as they are, and metrics.png.
+"""
+import argparse
+import base64
+import csv
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from PIL import Image
+from transformers.utils import logging as transformers_logging
+
+import grpo
+import tasks
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags
+
+PRESETS = {  # name -> (family, hub id); the tiny ones are built from a config in code
+    "tiny-qwen2.5-vl": ("qwen2_5_vl", None),
+    "tiny-qwen3-vl": ("qwen3_vl", None),
+    "qwen2.5-vl-3b": ("qwen2_5_vl", "Qwen/Qwen2.5-VL-3B-Instruct"),
+    "qwen2.5-vl-7b": ("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct"),
+    "qwen3-vl-4b": ("qwen3_vl", "Qwen/Qwen3-VL-4B-Instruct"),
+}
+
+# What the tiny presets change, and why: a 1M-parameter model from random init must train its vision tower (there
+# is nothing pretrained to keep frozen), needs a learning rate ~100x the recipe's, sees 112-px images (16 visual
+# tokens each) and can only afford a few thousand SFT examples on a CPU.
+TINY_DEFAULTS = dict(
+    data="data/tiny", per_task=1200, eval_per_task=100, image_size=112,
+    sft_learning_rate=2e-3, sft_num_train_epochs=1, sft_data_fraction=1.0, sft_global_batch_size=32,
+    sft_micro_batch_size=32, sft_weight_decay=0.0, freeze_vision_tower=False, freeze_multi_modal_projector=False,
+    sft_min_pixels=56 * 56, sft_max_pixels=128 * 128, min_pixels=56 * 56, max_pixels=128 * 128,
+    max_prompt_length=1024, max_response_length=128, eval_batch_size=64, save_steps=200,
+)
+
+
+# GRPO on the tiny model: a learning rate 100x the recipe's (1e-4 was stable here, 3e-4 collapsed the format within
+# 40 steps; notes/env.md section 7), 16 prompts x 5 responses per step, one update per step.
+TINY_GRPO_DEFAULTS = dict(
+    max_steps=60, rollout_batch_size=16, global_batch_size=16, learning_rate=1e-4, weight_decay=0.0,
+    micro_batch_size=40, logprob_micro_batch_size=80, eval_steps=0, rollout_save_steps=20,
+)
+
+
+class UserError(Exception):
+    """A mistake in flags or inputs: main prints its one-line message, without a traceback."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--model", default="tiny-qwen2.5-vl", help=f"preset ({', '.join(PRESETS)}), a local model folder or a hub id")
+    add("--init", choices=("pretrained", "random"), default="pretrained",
+        help="random: build the preset's real architecture from its config with random weights (no download)")
+    add("--stage", choices=("all", "sft", "grpo", "eval"), default="all",
+        help="all: eval base -> SFT -> GRPO -> eval; sft: eval -> SFT -> eval; grpo: GRPO on --model; eval: eval only")
+    add("--eval", metavar="CHECKPOINT", help="shortcut for --stage eval --model CHECKPOINT")
+    add("--eval-tsv", nargs="+", default=[], metavar="TSV",
+        help="also score VLMEvalKit multiple-choice TSVs (index, question, A-D, answer, image as base64)")
+    add("--plot", metavar="RUN_DIR", help="turn RUN_DIR/metrics.jsonl into RUN_DIR/metrics.png and exit")
+    add("--data", default=None, help="dataset folder (train.jsonl/eval.jsonl or the released parquet); built with "
+        "tasks.build_dataset from procedural scenes when it holds no train.jsonl")
+    add("--out", default="runs/ssrl", help="run folder: metrics, evaluations, checkpoints")
+    add("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS, help="pretext tasks to train and evaluate")
+    add("--per-task", type=int, default=4000, help="training samples per task when the data is built")
+    add("--eval-per-task", type=int, default=200, help="held-out samples per task when the data is built")
+    add("--image-size", type=int, default=512, help="longest image side when the data is built")
+    add("--seed", type=int, default=1, help="seed for model init, data order and sampling (EasyR1 data.seed)")
+    # SFT cold start: LLaMA-Factory's recipe (spec 3.1), flag names as in TRL's SFTConfig with an sft- prefix
+    add("--sft-learning-rate", type=float, default=1e-5, help="AdamW learning rate")
+    add("--sft-num-train-epochs", type=float, default=5, help="epochs over the cold-start subset")
+    add("--sft-lr-scheduler-type", choices=("cosine", "constant"), default="cosine", help="after warmup")
+    add("--sft-warmup-ratio", type=float, default=0.1, help="linear warmup, fraction of all steps")
+    add("--sft-weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--sft-max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    add("--sft-data-fraction", type=float, default=0.044, help="fraction of the training split used for the cold start "
+        "(the paper's ~3,600 of 81k)")
+    add("--sft-global-batch-size", type=int, default=256, help="examples per optimizer step over all ranks "
+        "(paper: 4 per device x 8 accumulation x 8 GPUs); accumulation = global / (micro x ranks)")
+    add("--sft-micro-batch-size", type=int, default=4, help="examples per forward pass per rank")
+    add("--freeze-vision-tower", action=argparse.BooleanOptionalAction, default=True,
+        help="freeze the ViT in SFT (LLaMA-Factory default)")
+    add("--freeze-multi-modal-projector", action=argparse.BooleanOptionalAction, default=True,
+        help="freeze the vision merger in SFT (LLaMA-Factory default)")
+    add("--sft-min-pixels", type=int, default=32 * 32, help="image_min_pixels in SFT")
+    add("--sft-max-pixels", type=int, default=512 * 512, help="image_max_pixels in SFT")
+    # rollout / evaluation (EasyR1 data.* names)
+    add("--min-pixels", type=int, default=512 * 512, help="min_pixels for GRPO rollouts and evaluation")
+    add("--max-pixels", type=int, default=2048 * 2048, help="max_pixels for GRPO rollouts and evaluation")
+    add("--max-prompt-length", type=int, default=4096, help="prompts longer than this are dropped (counted), never cut")
+    add("--max-response-length", type=int, default=2048, help="max new tokens when generating")
+    add("--eval-batch-size", type=int, default=16, help="prompts per generate call per rank")
+    add("--eval-limit", type=int, default=None, help="evaluate at most this many held-out samples per task")
+    add("--gradient-checkpointing", action="store_true", help="recompute activations in backward (real sizes)")
+    # GRPO: EasyR1's recipe as the Spatial-SSRL scripts set it (spec 3.2 and 5); EasyR1 names, TRL's where EasyR1 has none
+    add("--max-steps", type=int, default=360, help="GRPO steps (the paper reports 360)")
+    add("--rollout-batch-size", type=int, default=256, help="prompts per GRPO step over all ranks (data.rollout_batch_size)")
+    add("--global-batch-size", type=int, default=128, help="prompts per optimizer update (actor.global_batch_size): "
+        "rollout / global updates per step")
+    add("--num-generations", type=int, default=5, help="responses per prompt, the GRPO group (rollout.n)")
+    add("--temperature", type=float, default=1.0, help="sampling temperature, also applied to every log-prob pass")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling")
+    add("--learning-rate", type=float, default=1e-6, help="AdamW learning rate, constant")
+    add("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    add("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    add("--clip-ratio-low", type=float, default=0.2, help="ratio clipped below at 1 - this")
+    add("--clip-ratio-high", type=float, default=0.3, help="ratio clipped above at 1 + this")
+    add("--clip-ratio-dual", type=float, default=3.0, help="dual clip: loss bound -c*A for negative advantages")
+    add("--kl-coef", type=float, default=1e-2, help="weight of the k3 KL to the reference in the loss (0: no reference)")
+    add("--micro-batch-size", type=int, default=1, help="sequences per forward/backward in the update, per rank")
+    add("--logprob-micro-batch-size", type=int, default=2, help="sequences per no-grad log-prob pass, per rank")
+    add("--ref-offload", action="store_true", help="keep the sharded reference model's parameters on the CPU")
+    add("--eval-steps", type=int, default=0, help="evaluate on the held-out split every N GRPO steps (0: at the end)")
+    add("--rollout-save-steps", type=int, default=10, help="write OUT/rollouts/step-N.jsonl every N GRPO steps")
+    add("--save-steps", type=int, default=15, help="save a checkpoint every N optimizer steps (and at each stage end)")
+    add("--save-limit", type=int, default=3, help="keep the last K checkpoints")
+    add("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+        help="continue from CHECKPOINT, or from the newest complete one under --out when given alone")
+    add("--logging-steps", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse flags; a tiny model (preset, or checkpoint of one) gets TINY_DEFAULTS under the user's own flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.eval:
+        args.stage, args.model = "eval", args.eval
+    tiny = is_tiny(args.model)
+    if tiny:
+        parser.set_defaults(**TINY_DEFAULTS, **TINY_GRPO_DEFAULTS)
+        eval_model, args = args.model, parser.parse_args(argv)
+        if args.eval:
+            args.stage, args.model = "eval", eval_model
+    args.tiny = tiny    # saved with each checkpoint, so that a checkpoint of a tiny model keeps the tiny defaults
+    args.data = args.data or "data/ssrl"
+    if not (args.model in PRESETS or Path(args.model).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
+        raise UserError(f"unknown --model {args.model!r}: choose one of {', '.join(PRESETS)}, a model folder or a "
+                        "hub id")
+    for name in ("sft_global_batch_size", "sft_micro_batch_size", "eval_batch_size", "max_response_length",
+                 "rollout_batch_size", "global_batch_size", "micro_batch_size", "logprob_micro_batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_generations < 2:
+        raise UserError("--num-generations must be at least 2: GRPO's baseline is the group mean")
+    if args.rollout_batch_size % args.global_batch_size:
+        raise UserError(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of --global-batch-size "
+                        f"{args.global_batch_size}")
+    return args
+
+
+def is_tiny(model):
+    if model in PRESETS:
+        return PRESETS[model][1] is None
+    state = Path(model) / "trainer_state.json"
+    return state.is_file() and bool(json.loads(state.read_text())["args"].get("tiny"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compute init
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def compute_init():
+    """Read torchrun's variables; start the process group only when launched so (NCCL on CUDA, gloo on CPU).
+
+    Threads: OMP_NUM_THREADS when set, else the cores this process may use shared among the local ranks (1 per
+    rank on 2 cores). Oversubscribed threads made steps 10-30x slower on the 2-core box (notes/env.md section 7).
+    """
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if launched and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, cores // local_world)))
+    return Dist(rank, world, local_rank, device)
+
+
+def print0(*values, dist=None, **kwargs):
+    if dist is None or dist.rank == 0:
+        print(*values, **kwargs, flush=True)
+
+
+def all_reduce_sum(values, dist):
+    """Sum a list of floats over ranks (float64 on the compute device; a no-op without a process group)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    if dist.world > 1:
+        torch_dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def shard(model, mixed_precision=True, offload=False):
+    """FSDP2: each vision block and decoder layer, then the root; `generate` registered as a forward method.
+
+    The model code is untouched. Without the registration, generate calls the vision tower outside the root
+    forward and fails with "mixed torch.Tensor and DTensor" (notes/env.md section 5).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    kwargs = {"mp_policy": policy} if policy else {}
+    if offload:   # parameters live on the CPU and are copied in per layer (used for the frozen reference)
+        from torch.distributed.fsdp import CPUOffloadPolicy
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in model.model.visual.blocks:
+        fully_shard(block, **kwargs)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    grpo._fsdp_method(model, "generate")   # register_fsdp_forward_method, once (grpo keeps the registry)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models, tokenizer, processor
+
+QWEN_SPECIALS = ("<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
+                 "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> "
+                 "<|video_pad|> <tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> "
+                 "<|repo_name|> <|file_sep|> <tool_response> </tool_response> <think> </think>").split()
+NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
+# Qwen's pre-tokenizer split (digits one by one, words with their leading space, punctuation runs)
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+# The Qwen2-VL chat layout: an image is <|vision_start|><|image_pad|><|vision_end|> where it sits in the content.
+# Qwen2.5-VL opens with a default system turn, Qwen3-VL does not.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}SYSTEM{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DEFAULT_SYSTEM = {"qwen2_5_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "qwen3_vl": ""}
+
+
+def train_tokenizer(texts, vocab_size=1024):
+    """A byte-level BPE trained on `texts`, wrapped for transformers, with the Qwen special tokens added last.
+
+    Byte-level, so any text still encodes; 0.01 s on a few hundred strings (notes/env.md section 3b).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_tokens([AddedToken(t, special=t not in NOT_SPECIAL, normalized=False) for t in QWEN_SPECIALS])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left", model_max_length=1 << 20)
+
+
+def processor_class(family):
+    """The stock Qwen processor minus its video processor, which needs torchvision in transformers >= 5.4.
+
+    Saved as the stock class name, so `AutoProcessor` loads the folder wherever torchvision is installed;
+    `load_processor` loads it everywhere.
+    """
+    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+    base = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
+
+    class ImageOnlyProcessor(base):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+            self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+            self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        def to_dict(self):
+            return {**super().to_dict(), "processor_class": base.__name__}
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"ImageOnly{base.__name__}"
+    return ImageOnlyProcessor
+
+
+def image_processor(family, min_pixels, max_pixels):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    return Qwen2VLImageProcessorPil(patch_size=16 if family == "qwen3_vl" else 14, merge_size=2, temporal_patch_size=2,
+                                    size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+
+
+def build_tiny_processor(family, texts, vocab_size=1024):
+    tokenizer = train_tokenizer(texts, vocab_size)
+    template = CHAT_TEMPLATE.replace("SYSTEM", DEFAULT_SYSTEM[family])
+    tokenizer.chat_template = template
+    return processor_class(family)(image_processor(family, 56 * 56, 128 * 128), tokenizer, chat_template=template)
+
+
+def tiny_config(family, tokenizer):
+    """The tiny shape ("VS" in notes/env.md section 7): a deeper, wider vision tower than language model.
+
+    rope_theta 10 with most of each head's rotary pairs on the two spatial axes: with Qwen's 1e6 a step on the 4x4
+    visual grid turns a tiny head by <= 0.03 rad and spatial tasks stayed at chance; with 10 it turns 0.1-1 rad.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    vocab = -(-len(tokenizer) // 64) * 64
+    text = dict(vocab_size=vocab, hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id)
+    vision = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=96,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_5_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 5, 5]}
+        vision.update(patch_size=14, window_size=112, fullatt_block_indexes=[1, 3])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    text.update(head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [4, 4, 4],
+                                              "mrope_interleaved": True})
+    vision.update(patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[1])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+def real_config(name, tokenizer):
+    """The paper models' architectures, written out (their config.json values), for `--init random`."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=151643)
+    if name == "qwen3-vl-4b":
+        text = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                    rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                        "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+        vision = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                      deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh")
+        return Qwen3VLConfig(text_config={**text, **special}, vision_config=vision, tie_word_embeddings=True, **ids)
+    big = name == "qwen2.5-vl-7b"
+    text = dict(vocab_size=152064 if big else 151936, hidden_size=3584 if big else 2048,
+                intermediate_size=18944 if big else 11008, num_hidden_layers=28 if big else 36,
+                num_attention_heads=28 if big else 16, num_key_value_heads=4 if big else 2,
+                max_position_embeddings=128000, rms_norm_eps=1e-6, sliding_window=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"],
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
+    return Qwen2_5_VLConfig(text_config={**text, **special}, vision_config=vision, tie_word_embeddings=not big, **ids)
+
+
+def model_family(path):
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise UserError(f"{path} is not a model folder (no config.json)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in ("qwen2_5_vl", "qwen3_vl"):
+        raise UserError(f"{path}: model_type {model_type!r} is not supported (qwen2_5_vl or qwen3_vl)")
+    return model_type
+
+
+def load_processor(path, family):
+    try:
+        return processor_class(family).from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the processor from {path}: {str(error).splitlines()[0]}") from None
+
+
+def build_tiny(family="qwen2_5_vl", texts=None, seed=0):
+    """A tiny model of `family` from random init and its processor; `texts` train the tokenizer."""
+    from transformers import AutoModelForImageTextToText
+    processor = build_tiny_processor(family, texts or tokenizer_corpus([]))
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family, processor.tokenizer), attn_implementation="sdpa")
+    return model, processor
+
+
+def load_model(args, dist, corpus=()):
+    """(model, processor, family) for --model: a preset, a local folder (checkpoint) or a hub id."""
+    from transformers import AutoModelForImageTextToText
+    dtype = torch.bfloat16 if dist.device.type == "cuda" and dist.world == 1 else torch.float32
+    name = args.model
+    if name in PRESETS:
+        family, hub_id = PRESETS[name]
+        if hub_id is None:
+            model, processor = build_tiny(family, list(corpus), seed=args.seed)
+            return model.to(dist.device), processor, family
+        if args.init == "random":
+            try:
+                processor = load_processor(hub_id, family)
+            except UserError:   # no cached hub files: a trained BPE with the specials; ids stay below the real vocab
+                print0(f"note: no tokenizer for {hub_id} offline; using a small BPE (real vocab size kept)", dist=dist)
+                processor = build_tiny_processor(family, list(corpus) or tokenizer_corpus([]))
+            processor.image_processor = image_processor(family, args.min_pixels, args.max_pixels)
+            torch.manual_seed(args.seed)
+            with torch.device(dist.device):
+                model = AutoModelForImageTextToText.from_config(real_config(name, processor.tokenizer), dtype=dtype,
+                                                                attn_implementation="sdpa")
+            return model, processor, family
+        path = hub_id
+    elif Path(name).exists():
+        family, path = model_family(name), name
+        if Path(name, ".incomplete").exists():
+            raise UserError(f"{name} is a half-written checkpoint; use an earlier complete one")
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        path = name
+        family = "qwen3_vl" if "qwen3" in name.lower() else "qwen2_5_vl"
+    else:
+        raise UserError(f"unknown --model {name!r}: choose one of {', '.join(PRESETS)}, a model folder or a hub id")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}") from None
+    return model.to(dist.device), load_processor(path, family), family
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+
+def chat_messages(problem):
+    """One user turn: the question stripped plus the format prompt (tasks.make_prompt), an image at each <image>."""
+    content = []
+    for i, text in enumerate(tasks.make_prompt(problem).split("<image>")):
+        if i:
+            content.append({"type": "image"})
+        if text:
+            content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def prompt_text(processor, problem):
+    return processor.apply_chat_template(chat_messages(problem), tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(processor, records, images, min_pixels, max_pixels):
+    """Left-padded chat-template inputs for a batch of records (dicts with "problem") and their PIL images.
+
+    Returns input_ids, attention_mask and mm_token_type_ids [B, P] (padded alike), pixel_values [patches, C*p*p],
+    image_grid_thw [n_images, 3] and images_per_sample [B]. Qwen2.5-VL silently falls back to 1-D positions when
+    mm_token_type_ids is missing (notes/env.md section 3), so every consumer must pass it on.
+    """
+    texts, flat = [], []
+    for record, record_images in zip(records, images):
+        if record["problem"].count("<image>") != len(record_images):
+            raise tasks.BadRecord(f"record {record.get('id')}: {record['problem'].count('<image>')} <image> "
+                                  f"placeholders but {len(record_images)} images")
+        texts.append(prompt_text(processor, record["problem"]))
+        flat.extend(record_images)
+    batch = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt",
+                      images_kwargs={"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}})
+    batch = dict(batch)
+    batch["images_per_sample"] = torch.tensor([len(x) for x in images], dtype=torch.long)
+    if "mm_token_type_ids" not in batch:
+        batch["mm_token_type_ids"] = (batch["input_ids"] == processor.image_token_id).long()
+    return batch
+
+
+def to_device(batch, device):
+    """The batch on `device`, except images_per_sample: bookkeeping that stays on the CPU."""
+    return {key: value if key == "images_per_sample" else value.to(device) for key, value in batch.items()}
+
+
+def prompt_length(processor, record, min_pixels, max_pixels):
+    """Prompt tokens of a record from its image sizes (headers only), without decoding the pixels."""
+    text_tokens = len(processor.tokenizer(prompt_text(processor, record["problem"]))["input_ids"])
+    merge = processor.image_processor.merge_size ** 2
+    image_tokens = 0
+    for path in record["images"]:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError) as error:
+            raise tasks.BadRecord(f"record {record.get('id')}: cannot open {path}: {error}") from None
+        patches = processor.image_processor.get_number_of_image_patches(
+            height, width, {"min_pixels": min_pixels, "max_pixels": max_pixels})
+        image_tokens += patches // merge - 1
+    return text_tokens + image_tokens
+
+
+def filter_records(processor, records, max_prompt_length, min_pixels, max_pixels, dist=None, what="records"):
+    """Drop prompts over the limit and records whose images are missing, with counts (prompts are never cut)."""
+    kept, too_long, bad = [], 0, 0
+    for record in records:
+        try:
+            length = prompt_length(processor, record, min_pixels, max_pixels)
+        except tasks.BadRecord as error:
+            bad += 1
+            if bad <= 3:
+                print0(f"skip: {error}", dist=dist)
+            continue
+        if length > max_prompt_length:
+            too_long += 1
+        else:
+            kept.append(record)
+    if too_long or bad:
+        print0(f"{what}: dropped {too_long} prompts over {max_prompt_length} tokens and {bad} unreadable records; "
+               f"{len(kept)} kept", dist=dist)
+    return kept
+
+
+def open_batch(records):
+    """Images of each record; records whose images cannot be read are skipped and counted."""
+    kept, images, skipped = [], [], 0
+    for record in records:
+        try:
+            images.append(tasks.open_images(record))
+            kept.append(record)
+        except tasks.BadRecord:
+            skipped += 1
+    return kept, images, skipped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cold-start answers, written by program from each sample's meta (the paper used an LVLM; its CoT quality "is not
+# important", spec 3.1). Each is a short true <think> naming the cues the task rests on, then the \boxed{} answer.
+
+def cold_start_response(record, rng):
+    """A <think>...</think> reasoning plus \\boxed{answer} for `record`, in one of several phrasings."""
+    think = COT_WRITERS[record["task"]](record["meta"], record["answer"], rng)
+    think = think[0].upper() + think[1:]
+    closing = rng.choice(("So the answer is ", "Answer: ", ""))
+    return f"<think>{think}</think> {closing}\\boxed{{{record['answer']}}}"
+
+
+def _shuffle_cot(meta, answer, rng):
+    rows, cols = meta["grid"]
+    labels = answer.split("-")                  # labels[k]: the patch that belongs at source position k
+    joins = [f"{labels[k]} left of {labels[k + 1]}" for k in range(rows * cols - 1) if (k + 1) % cols]
+    joins += [f"{labels[k]} above {labels[k + cols]}" for k in range(rows * cols - cols)]
+    joins = rng.sample(joins, min(3, len(joins)))
+    masked = f"patch {meta['masked']} is blank; " if meta.get("masked") is not None else ""
+    return rng.choice(("Edges continue across patches: {masked}{joins}.", "Matching lines and colours: {masked}{joins}.",
+                       "{masked}{joins}, by continuity.")).format(masked=masked, joins=", ".join(joins))
+
+
+def _flip_cot(meta, answer, rng):
+    label, direction = meta["flipped"], meta["direction"]
+    how = ("upside down", "mirrored left to right")[direction]
+    return rng.choice(("Patch {label} breaks continuity: it is {how}.", "Only patch {label} does not line up; it "
+                       "looks {how}.", "Patch {label} is {how}; the others continue smoothly.")).format(
+                           label=label, how=how)
+
+
+_CROP_DISTRACTORS = {"interior": "too close", "exterior_0.25": "too wide", "exterior_0.5": "far too wide",
+                     "rotate_cw": "turned clockwise", "rotate_ccw": "turned anticlockwise"}
+
+
+def _crop_cot(meta, answer, rng):
+    x, y, side, _ = meta["box"]
+    width, height = meta.get("size", [2 * side, 2 * side])
+    where = ("top" if y + side / 2 < height / 2 else "bottom") + " " + ("left" if x + side / 2 < width / 2 else "right")
+    wrong = [f"{'ABCD'[i]} is {_CROP_DISTRACTORS[name]}" for i, name in enumerate(meta["options"]) if name != "truth"]
+    rng.shuffle(wrong)
+    return rng.choice(("The hole is {where}; {answer} continues its edges. {wrong}.",
+                       "{wrong}. {answer} fits the {where} hole.",
+                       "Missing part: {where}. {wrong}; {answer} matches.")).format(
+                           where=where, answer=answer, wrong=", ".join(wrong))
+
+
+def _depth_cot(meta, answer, rng):
+    """Each region's depth band on its own (a judgement about one marker), then the labels sorted by it."""
+    near, mid, far = answer.split("-")           # labels from nearest to farthest
+    band = {near: "near", mid: "middle", far: "far"}
+    return rng.choice(("Region depths: {bands}. Near to far: {near}, {mid}, {far}.",
+                       "By ground contact and size, {bands}; so {near}, {mid}, {far}.",
+                       "Region {region_bands}. Sorted: {near}, {mid}, {far}.")).format(
+                           bands=", ".join(f"{label} {band[label]}" for label in "123"),
+                           region_bands=", region ".join(f"{label} is {band[label]}" for label in "123"),
+                           near=near, mid=mid, far=far)
+
+
+def _position_cot(meta, answer, rng):
+    camera, target = meta["camera_label"], 3 - meta["camera_label"]
+    facing = {"left": "left", "right": "right", "towards": "towards me", "away": "away from me"}[meta["facing"]]
+    side = "right" if meta["dx"] >= 0 else "left"
+    deeper = "farther" if meta["dd"] >= 0 else "nearer"
+    truth = meta["options"]["ABCD".index(answer)]
+    return rng.choice(("Camera at {camera} facing {facing}; {target} is {side} and {deeper}: {truth}.",
+                       "{target} lies {side} of {camera} and {deeper}; facing {facing} that is {truth}.",
+                       "From {camera} facing {facing}, {target} ({side}, {deeper}) is {truth}.")).format(
+                           camera=camera, target=target, facing=facing, side=side, deeper=deeper, truth=truth)
+
+
+COT_WRITERS = {"shuffle": _shuffle_cot, "flip": _flip_cot, "crop": _crop_cot, "depth": _depth_cot,
+               "position": _position_cot}
+
+
+def tokenizer_corpus(records, seed=0):
+    """Texts the tiny tokenizer is trained on: the prompts and cold-start answers of the given records."""
+    rng = random.Random(seed)
+    texts = [tasks.FORMAT_PROMPT, "You are a helpful assistant.", "\\boxed{A} \\boxed{B} \\boxed{C} \\boxed{D}"]
+    for record in records:
+        texts.append(record["problem"])
+        for _ in range(3):
+            texts.append(cold_start_response(record, rng))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT cold start
+
+def encode_responses(tokenizer, responses):
+    """Right-padded response ids [B, R] ending in <|im_end|> (the end of the assistant turn) and their mask."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in responses]
+    width = max(len(x) for x in ids)
+    completion_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        completion_ids[i, :len(row)] = torch.tensor(row)
+        completion_mask[i, :len(row)] = 1
+    return completion_ids, completion_mask
+
+
+def sft_subset(records, fraction, seed):
+    """The cold-start subset: a seeded random `fraction` of the training split (the paper: ~3,600 of 81k)."""
+    count = max(1, round(len(records) * fraction))
+    return random.Random(seed).sample(records, count) if count < len(records) else list(records)
+
+
+def freeze_for_sft(model, freeze_vision_tower, freeze_projector):
+    visual = model.model.visual
+    mergers = [name for name, _ in visual.named_children() if "merger" in name]
+    for name, module in visual.named_children():
+        frozen = freeze_projector if name in mergers else freeze_vision_tower
+        module.requires_grad_(not frozen)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def sft_schedule(optimizer, args, total_steps):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    warmup = math.ceil(args.sft_warmup_ratio * total_steps)
+    if args.sft_lr_scheduler_type == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def step_examples(examples, step, steps_per_epoch, global_batch, seed):
+    """The global batch of optimizer step `step`: a seeded shuffle per epoch, so a step number is a data position."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = list(range(len(examples)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return epoch, [examples[i] for i in order[index * global_batch:(index + 1) * global_batch]]
+
+
+def micro_batches(share, micro_size, count):
+    """`count` micro-batches of this rank's share; missing ones repeat an example with weight 0 so that every
+    rank runs the same number of forward passes (FSDP collectives)."""
+    batches = [(share[i:i + micro_size], 1.0) for i in range(0, len(share), micro_size)]
+    return batches + [(share[:1] or [None], 0.0)] * (count - len(batches))
+
+
+def train_sft(args, dist, model, processor, train_records, optimizer=None, scheduler=None, state=None, metrics=None):
+    """The cold start: token-mean NLL of the cold-start answers through grpo's shared log-prob path.
+
+    Loss over response tokens only, averaged over all response tokens of the global batch (micro-batches and
+    ranks), as LLaMA-Factory's trainer does with gradient accumulation. Returns the optimizer step reached.
+    """
+    examples = sft_subset(train_records, args.sft_data_fraction, args.seed)
+    steps_per_epoch = math.ceil(len(examples) / args.sft_global_batch_size)
+    total_steps = max(1, math.ceil(args.sft_num_train_epochs * steps_per_epoch))
+    micro_count = math.ceil(math.ceil(args.sft_global_batch_size / dist.world) / args.sft_micro_batch_size)
+    step = state["step"] if state else 0
+    print0(f"sft: {len(examples)} examples, {total_steps} steps of {args.sft_global_batch_size} "
+           f"({micro_count} micro-batches of {args.sft_micro_batch_size} x {dist.world} ranks)", dist=dist)
+    progress = Progress(total_steps, step, "sft", dist)
+    model.train()
+    while step < total_steps:
+        started = time.perf_counter()
+        epoch, batch = step_examples(examples, step, steps_per_epoch, args.sft_global_batch_size, args.seed)
+        share = batch[dist.rank::dist.world]
+        rng = random.Random(f"{args.seed}-{step}-{dist.rank}")   # the phrasing of each answer, fixed per step
+        prepared, skipped = [], 0
+        for records, weight in micro_batches(share, args.sft_micro_batch_size, micro_count):
+            kept, images, bad = open_batch([r for r in records if r is not None])
+            skipped += bad
+            if not kept:     # nothing readable: a weight-0 pass keeps the ranks' forward counts equal
+                (kept, images, _), weight = open_batch(examples[:1]), 0.0
+            responses = [cold_start_response(r, rng) for r in kept]
+            prepared.append((kept, images, responses, weight))
+        local_tokens = 0
+        encoded = []
+        for kept, images, responses, weight in prepared:
+            completion_ids, completion_mask = encode_responses(processor.tokenizer, responses)
+            local_tokens += int(completion_mask.sum()) * weight
+            encoded.append((kept, images, completion_ids, completion_mask, weight))
+        total_tokens, total_skipped = all_reduce_sum([local_tokens, skipped], dist)
+        loss_sum, task_sums = 0.0, defaultdict(lambda: [0.0, 0.0])
+        for kept, images, completion_ids, completion_mask, weight in encoded:
+            prompts = to_device(encode_prompts(processor, kept, images, args.sft_min_pixels, args.sft_max_pixels),
+                                dist.device)
+            full = grpo.join_completions(prompts, completion_ids.to(dist.device), completion_mask.to(dist.device), 1)
+            logp = grpo.response_logprobs(model, full, prompts["input_ids"].shape[1])         # [B, R]
+            mask = completion_mask.to(dist.device, logp.dtype)
+            token_nll = -(logp * mask).sum(1)                                                  # [B]
+            # FSDP averages gradients over ranks, hence the factor world: the result is the global token mean
+            loss = token_nll.sum() * weight * dist.world / max(total_tokens, 1)
+            loss.backward()
+            loss_sum += float(token_nll.detach().sum()) * weight
+            for record, nll, n in zip(kept, token_nll.detach().tolist(), mask.sum(1).tolist()):
+                task_sums[record["task"]][0] += nll * weight
+                task_sums[record["task"]][1] += n * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   args.sft_max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        names = sorted(tasks.TASKS)
+        sums = all_reduce_sum([loss_sum] + [task_sums[t][i] for t in names for i in (0, 1)], dist)
+        elapsed = time.perf_counter() - started
+        row = {"stage": "sft", "step": step, "epoch": epoch, "loss": sums[0] / max(total_tokens, 1),
+               "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+               "tokens_per_second": total_tokens / elapsed, "step_time": elapsed, "skipped_records": total_skipped}
+        for i, task in enumerate(names):
+            if sums[2 + 2 * i]:
+                row[f"loss/{task}"] = sums[1 + 2 * i] / sums[2 + 2 * i]
+        if metrics:
+            metrics.log(row)
+        progress.update(row, every=args.logging_steps)
+        if step % args.save_steps == 0 or step == total_steps:
+            save_checkpoint(args, dist, model, processor, step, "sft", optimizer, scheduler)
+    progress.close()
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+def generate_greedy(model, processor, batch, max_new_tokens):
+    """Greedy completions [B, R] for an encoded prompt batch, through grpo's rollout function (temperature 0)."""
+    tokenizer = processor.tokenizer
+    completion_ids, _, _ = grpo.generate_completions(model, batch, 1, max_new_tokens, 0.0, 1.0,
+                                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return completion_ids
+
+
+def padded_share(items, dist, batch_size):
+    """This rank's strided share, padded with None so that every rank runs the same number of batches."""
+    share = items[dist.rank::dist.world]
+    per_rank = math.ceil(len(items) / dist.world)
+    per_rank = math.ceil(per_rank / batch_size) * batch_size if per_rank else 0
+    return share + [None] * (per_rank - len(share))
+
+
+@torch.no_grad()
+def evaluate(args, dist, model, processor, records, min_pixels=None, max_pixels=None, show=True):
+    """Greedy decoding over held-out records; per task and overall: reward, accuracy, format rate, n and chance."""
+    min_pixels, max_pixels = min_pixels or args.min_pixels, max_pixels or args.max_pixels
+    was_training = model.training
+    model.eval()
+    sums = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])    # reward, accuracy, format, n
+    share = padded_share(records, dist, args.eval_batch_size)
+    progress = Progress(len(share) // args.eval_batch_size if share else 0, 0, "eval", dist, leave=False)
+    skipped = 0
+    for start in range(0, len(share), args.eval_batch_size):
+        chunk = share[start:start + args.eval_batch_size]
+        real = [r for r in chunk if r is not None]
+        kept, images, bad = open_batch(real or [records[0]])
+        skipped += bad if real else 0
+        if not kept:
+            kept, images, _ = open_batch(records[:1]) if not real else ([], [], 0)
+        if kept:
+            batch = encode_prompts(processor, kept, images, min_pixels, max_pixels)
+            completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
+            texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
+            for record, text in zip(kept, texts):
+                if not real:
+                    break
+                score = tasks.reward(text, record["answer"])
+                entry = sums[record["task"]]
+                for i, key in enumerate(("overall", "accuracy", "format")):
+                    entry[i] += score[key]
+                entry[3] += 1
+        progress.update({})
+    progress.close()
+    names = sorted({r["task"] for r in records})
+    totals = all_reduce_sum([sums[t][i] for t in names for i in range(4)] + [skipped], dist)
+    results = {}
+    for j, task in enumerate(names):
+        reward_sum, accuracy_sum, format_sum, n = totals[4 * j:4 * j + 4]
+        results[task] = {"reward": reward_sum / max(n, 1), "accuracy": accuracy_sum / max(n, 1),
+                         "format": format_sum / max(n, 1), "n": int(n), "chance": tasks.CHANCE[task]}
+    n_all = sum(r["n"] for r in results.values())
+    results["all"] = {key: sum(r[key] * r["n"] for r in results.values()) / max(n_all, 1)
+                      for key in ("reward", "accuracy", "format", "chance")}
+    results["all"]["n"] = n_all
+    if totals[-1]:
+        print0(f"eval: skipped {int(totals[-1])} unreadable records", dist=dist)
+    model.train(was_training)
+    return results
+
+
+def format_table(evaluations):
+    """Markdown table, one row per task and stage: {"base": results, "sft": results, ...}."""
+    lines = ["| task | stage | accuracy | chance | format | reward | n |", "|---|---|---|---|---|---|---|"]
+    stages = list(evaluations)
+    tasks_seen = [t for t in evaluations[stages[0]] if t != "all"] + ["all"]
+    for task in tasks_seen:
+        for stage in stages:
+            r = evaluations[stage].get(task)
+            if r:
+                lines.append(f"| {task} | {stage} | {r['accuracy']:.3f} | {r['chance']:.3f} | {r['format']:.3f} | "
+                             f"{r['reward']:.3f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def read_tsv(path):
+    """Rows of a VLMEvalKit multiple-choice TSV: index, question, A..D (some may be empty), answer, image.
+
+    `image` is base64; VLMEvalKit stores a repeated image once and puts the index of its row in later ones.
+    """
+    csv.field_size_limit(1 << 30)
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"TSV {path} does not exist")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    missing = {"index", "question", "answer", "image", "A", "B"} - set(rows[0] if rows else ())
+    if missing:
+        raise UserError(f"{path} lacks the VLMEvalKit column(s) {', '.join(sorted(missing))}")
+    by_index = {row["index"]: row["image"] for row in rows}
+    for row in rows:
+        if len(row["image"]) < 64 and row["image"] in by_index:
+            row["image"] = by_index[row["image"]]
+    return rows
+
+
+def tsv_record(row):
+    """A task-like record: the image first, the question, the lettered options, then the answer letter."""
+    options = [letter for letter in "ABCDEFGH" if (row.get(letter) or "").strip() not in ("", "nan")]
+    hint = (row.get("hint") or "").strip()
+    lines = ([f"Hint: {hint}"] if hint and hint != "nan" else []) + [row["question"].strip()]
+    lines += [f"{letter}. {row[letter].strip()}" for letter in options]
+    lines.append("Answer with the option's letter from the given choices.")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
+    except (ValueError, OSError) as error:
+        raise tasks.BadRecord(f"row {row['index']}: image does not decode: {error}") from None
+    return {"id": row["index"], "task": "tsv", "problem": "<image>" + "\n".join(lines),
+            "answer": row["answer"].strip(), "options": {k: row[k].strip() for k in options}}, image
+
+
+def tsv_choice(response, options):
+    """The letter a response chose: its boxed content as a letter ('B', 'B.', 'B. text') or an option's text."""
+    content = tasks.extract_boxed(response)
+    if content is None:
+        return None
+    content = content.strip()
+    match = re.match(r"^\(?([A-H])\)?(?:[.:)\s]|$)", content)
+    if match and match.group(1) in options:
+        return match.group(1)
+    for letter, text in options.items():
+        if content.lower() == text.lower():
+            return letter
+    return None
+
+
+@torch.no_grad()
+def evaluate_tsv(args, dist, model, processor, path):
+    """Accuracy and format rate of greedy answers on a VLMEvalKit multiple-choice TSV."""
+    rows = read_tsv(path)
+    was_training = model.training
+    model.eval()
+    correct = formatted = n = skipped = 0.0
+    share = padded_share(rows, dist, args.eval_batch_size)
+    for start in range(0, len(share), args.eval_batch_size):
+        chunk = [row for row in share[start:start + args.eval_batch_size] if row is not None]
+        records, images = [], []
+        for row in chunk or rows[:1]:
+            try:
+                record, image = tsv_record(row)
+            except tasks.BadRecord:
+                skipped += 1
+                continue
+            records.append(record)
+            images.append([image])
+        if not records:
+            continue
+        batch = encode_prompts(processor, records, images, args.min_pixels, args.max_pixels)
+        completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
+        texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        if not chunk:
+            continue
+        for record, text in zip(records, texts):
+            correct += tsv_choice(text, record["options"]) == record["answer"]
+            formatted += tasks.reward(text, record["answer"])["format"]
+            n += 1
+    correct, formatted, n, skipped = all_reduce_sum([correct, formatted, n, skipped], dist)
+    model.train(was_training)
+    return {"accuracy": correct / max(n, 1), "format": formatted / max(n, 1), "n": int(n), "skipped": int(skipped)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and metrics
+
+def full_state_dicts(model, optimizer, dist):
+    """Full (unsharded) model and optimizer state dicts on the CPU; rank 0 gets them under FSDP."""
+    if dist.world == 1:
+        return model.state_dict(), optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+    return model_state, optimizer_state
+
+
+def rng_states():
+    return {"python": json.dumps(random.getstate()), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}
+
+
+def set_rng_states(states):
+    version, internal, gauss = json.loads(states["python"])
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"].numel():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def save_checkpoint(args, dist, model, processor, step, stage, optimizer=None, scheduler=None, extra_state=None):
+    """OUT/checkpoint-STEP: a from_pretrained folder (safetensors, config, tokenizer, chat template) plus the trainer
+    state (optimizer, scheduler, RNG per rank, step, stage, flags, `extra_state` such as a data position).
+
+    Written to a hidden temp folder and renamed when complete, so a crash never leaves a half checkpoint under
+    the real name; only then are checkpoints beyond --save-limit deleted, oldest first.
+    """
+    out = Path(args.out)
+    model_state, optimizer_state = full_state_dicts(model, optimizer, dist)
+    rng = [rng_states()]
+    if dist.world > 1:
+        gathered = [None] * dist.world
+        torch_dist.all_gather_object(gathered, rng[0])
+        rng = gathered
+    final = out / f"checkpoint-{step}"
+    if dist.rank == 0:
+        temp = out / f".tmp-checkpoint-{step}"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+        (temp / ".incomplete").touch()
+        unwrapped = model
+        unwrapped.save_pretrained(temp, state_dict=model_state, safe_serialization=True)
+        processor.save_pretrained(temp)
+        trainer = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict() if scheduler else None,
+                   "rng": rng}
+        torch.save(trainer, temp / "trainer.pt")
+        state = {"step": step, "stage": stage, "args": vars(args), **(extra_state or {})}
+        (temp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+        (temp / ".incomplete").unlink()
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        for old in sorted(checkpoints(out), key=checkpoint_step)[:-args.save_limit] if args.save_limit > 0 else []:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.world > 1:
+        torch_dist.barrier()
+    return final
+
+
+def checkpoint_step(path):
+    return int(path.name.split("-")[-1])
+
+
+def checkpoints(out):
+    """Complete checkpoints under `out` (a folder is complete once renamed from its temp name)."""
+    return [p for p in Path(out).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file() and not (p / ".incomplete").exists()]
+
+
+def resolve_resume(args):
+    """The checkpoint folder to resume from, or None; a half-written one is an error, never a silent restart."""
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        found = sorted(checkpoints(args.out), key=checkpoint_step)
+        return found[-1] if found else None
+    path = Path(args.resume)
+    if not path.is_dir():
+        raise UserError(f"--resume {path}: no such checkpoint folder")
+    if not (path / "trainer_state.json").is_file() or (path / ".incomplete").exists():
+        raise UserError(f"--resume {path}: checkpoint is incomplete (no trainer_state.json); use an earlier one")
+    return path
+
+
+def load_trainer_state(path, dist, model, optimizer=None, scheduler=None):
+    """Restore optimizer, scheduler and this rank's RNG from a checkpoint; returns trainer_state.json's dict."""
+    state = json.loads((Path(path) / "trainer_state.json").read_text())
+    trainer = torch.load(Path(path) / "trainer.pt", weights_only=True, map_location="cpu")
+    if optimizer is not None and trainer["optimizer"] is not None:
+        if dist.world == 1:
+            optimizer.load_state_dict(trainer["optimizer"])
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, trainer["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+    if scheduler is not None and trainer["scheduler"] is not None:
+        scheduler.load_state_dict(trainer["scheduler"])
+    rng = trainer["rng"]
+    set_rng_states(rng[dist.rank] if dist.rank < len(rng) else rng[0])
+    return state
+
+
+class Metrics:
+    """OUT/metrics.jsonl, one JSON object per step (rank 0). On resume, rows past the resumed step are dropped."""
+
+    def __init__(self, out, dist, resume_stage=None, resume_step=None):
+        self.path, self.enabled = Path(out) / "metrics.jsonl", dist.rank == 0
+        if self.enabled and resume_stage and self.path.exists():
+            order = ("sft", "grpo")
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            keep = [r for r in rows if "stage" not in r or (order.index(r["stage"]), r.get("step", 0)) <=
+                    (order.index(resume_stage), resume_step)]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def log(self, row):
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+class Progress:
+    """A tqdm bar on rank 0 with the key figures, and a plain line every `every` steps."""
+
+    KEYS = ("loss", "reward", "accuracy", "format", "learning_rate", "grad_norm", "tokens_per_second")
+
+    def __init__(self, total, initial, desc, dist, leave=True):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=dist.rank != 0, leave=leave,
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, row, every=0):
+        figures = {k: f"{row[k]:.3g}" for k in self.KEYS if k in row}
+        if figures:
+            self.bar.set_postfix(figures, refresh=False)
+        self.bar.update(1)
+        if every and row.get("step", 0) % every == 0 and not self.bar.disable:
+            self.bar.write(f"{row.get('stage', '')} step {row['step']}: " + " ".join(f"{k} {v}" for k, v in figures.items()))
+
+    def close(self):
+        self.bar.close()
+
+
+def plot_metrics(run_dir):
+    """RUN_DIR/metrics.jsonl -> RUN_DIR/metrics.png: one panel per figure, one line per stage."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = [k for k in ("loss", "reward", "accuracy", "format", "kl", "grad_norm", "learning_rate",
+                        "completions/mean_length") if any(k in r for r in rows)]
+    figure, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3.2), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        for stage in dict.fromkeys(r.get("stage", "") for r in rows):
+            points = [(r["step"], r[key]) for r in rows if r.get("stage", "") == stage and key in r]
+            if points:
+                axis.plot(*zip(*points), label=stage, linewidth=1)
+        axis.set_title(key)
+        axis.set_xlabel("step")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(Path(run_dir) / "metrics.png", dpi=100)
+    plt.close(figure)
+    return Path(run_dir) / "metrics.png"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+
+def has_dataset(root):
+    """train.jsonl is written last by tasks.build_dataset, so its presence marks a finished build."""
+    return (Path(root) / "train.jsonl").is_file() or any(Path(root).glob("**/*.parquet"))
+
+
+def prepare_data(args, dist):
+    """(train, eval) records of the requested tasks; builds procedural data first when --data has none."""
+    root = Path(args.data)
+    if not has_dataset(root):
+        if dist.rank == 0:
+            print0(f"building {args.per_task} train + {args.eval_per_task} eval samples per task of "
+                   f"{args.image_size}-px procedural scenes in {root} ...")
+            summary = tasks.build_dataset(root, per_task=args.per_task, eval_per_task=args.eval_per_task,
+                                          tasks=args.tasks, seed=args.seed, max_side=args.image_size, overwrite=True,
+                                          workers=torch.get_num_threads())
+            print0(f"built {summary['samples']} samples in {summary['seconds']:.0f} s")
+        if dist.world > 1:
+            torch_dist.barrier()
+    try:
+        train, held_out = tasks.load_records(root, "train"), tasks.load_records(root, "eval")
+    except (OSError, ValueError, tasks.BadRecord) as error:
+        raise UserError(f"cannot read the dataset in {root}: {str(error).splitlines()[0]}") from None
+    train = [r for r in train if r["task"] in args.tasks]
+    held_out = [r for r in held_out if r["task"] in args.tasks]
+    for split, records in (("train", train), ("eval", held_out)):
+        missing = [t for t in args.tasks if not any(r["task"] == t for r in records)]
+        if missing:
+            raise UserError(f"{root}: no {split} records for task(s) {', '.join(missing)} (choose --tasks)")
+    if args.eval_limit:
+        counts = defaultdict(int)
+        held_out = [r for r in held_out if (counts.__setitem__(r["task"], counts[r["task"]] + 1)
+                                            or counts[r["task"]] <= args.eval_limit)]
+    return train, held_out
+
+
+def run_evaluation(args, dist, model, processor, held_out, stage, evaluations):
+    results = evaluate(args, dist, model, processor, held_out)
+    evaluations[stage] = results
+    if dist.rank == 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"eval-{stage}.json").write_text(json.dumps(results, indent=1))
+        print0(f"\n{stage}: accuracy {results['all']['accuracy']:.3f} (chance {results['all']['chance']:.3f}), "
+               f"format {results['all']['format']:.3f}, reward {results['all']['reward']:.3f}")
+    return results
+
+
+def save_reference(args, dist, model, processor):
+    """OUT/reference: the policy as GRPO starts, the frozen model of the KL term, kept apart from the rotating
+    checkpoints so that a resumed run finds it (written to a temp folder, then renamed)."""
+    path, temp = Path(args.out) / "reference", Path(args.out) / ".tmp-reference"
+    model_state, _ = full_state_dicts(model, None, dist)
+    if dist.rank == 0:
+        shutil.rmtree(temp, ignore_errors=True)
+        model.save_pretrained(temp, state_dict=model_state, safe_serialization=True)
+        processor.save_pretrained(temp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(temp, path)
+    if dist.world > 1:
+        torch_dist.barrier()
+    return path
+
+
+def load_reference(path, dist, offload=False):
+    """The frozen reference, in the policy's dtype, sharded like it under torchrun."""
+    from transformers import AutoModelForImageTextToText
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"GRPO reference model {path} is missing; restart the GRPO stage without --resume")
+    dtype = torch.bfloat16 if dist.device.type == "cuda" and dist.world == 1 else torch.float32
+    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    reference = reference.to("cpu" if offload else dist.device).eval().requires_grad_(False)
+    if dist.world > 1:
+        reference = shard(reference, mixed_precision=dist.device.type == "cuda", offload=offload)
+    return reference
+
+
+def rollout_prompts(args, dist, records, step, steps_per_epoch):
+    """This rank's prompts of GRPO step `step` (a seeded shuffle per epoch, so the step is the data position) with
+    their images. Unreadable records are counted and replaced by readable ones of the same share, because every
+    rank must pass the same number of prompts to the collective passes."""
+    _, batch = step_examples(records, step, steps_per_epoch, args.rollout_batch_size, args.seed + 1)
+    share = batch[dist.rank::dist.world]
+    kept, images, skipped = open_batch(share)
+    if not kept:
+        raise UserError(f"GRPO step {step}: none of this rank's {len(share)} records has readable images")
+    while len(kept) < len(share):
+        kept.append(kept[len(kept) % len(share)])
+        images.append(images[len(images) % len(share)])
+    return kept, images, skipped
+
+
+def write_rollouts(args, dist, step, records, rollouts):
+    """OUT/rollouts/step-N.jsonl: every rank's rollouts with the record id and image paths, written by rank 0."""
+    for rollout in rollouts:
+        record = records[rollout["index"]]
+        rollout.update(id=record["id"], images=[str(p) for p in record["images"]], rank=dist.rank)
+    if dist.world > 1:
+        gathered = [None] * dist.world
+        torch_dist.all_gather_object(gathered, rollouts)
+        rollouts = [r for part in gathered for r in part]
+    if dist.rank == 0:
+        folder = Path(args.out) / "rollouts"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"step-{step}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
+
+
+def train_grpo(args, dist, model, processor, train_records, held_out, state, metrics, first_step=0):
+    """GRPO on the pretext tasks (grpo.grpo_step does the algorithm). Checkpoints are numbered on after the SFT
+    steps (`first_step`), so that the newest checkpoint is always the one to resume from."""
+    if args.rollout_batch_size % dist.world:
+        raise UserError(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of the {dist.world} "
+                        "ranks: each rank rolls out whole groups")
+    cfg = grpo.GRPOConfig(
+        num_generations=args.num_generations, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_response_length, clip_low=args.clip_ratio_low, clip_high=args.clip_ratio_high,
+        dual_clip=args.clip_ratio_dual, kl_coef=args.kl_coef,
+        updates_per_step=args.rollout_batch_size // args.global_batch_size, micro_batch_size=args.micro_batch_size,
+        logprob_micro_batch_size=args.logprob_micro_batch_size, max_grad_norm=args.max_grad_norm)
+    model.requires_grad_(True)   # full-parameter RL, vision tower included (EasyR1 freeze_vision_tower: false)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    from transformers import get_constant_schedule
+    scheduler = get_constant_schedule(optimizer)
+    if state and state["stage"] == "grpo":
+        load_trainer_state(args.model, dist, model, optimizer, scheduler)
+        grpo_step, first_step, reference_path = state["grpo_step"], state["first_step"], state["reference"]
+    else:
+        grpo_step, reference_path = 0, save_reference(args, dist, model, processor)
+    reference = load_reference(reference_path, dist, args.ref_offload) if args.kl_coef > 0 else None
+    steps_per_epoch = max(1, len(train_records) // args.rollout_batch_size)
+    print0(f"grpo: {args.max_steps} steps of {args.rollout_batch_size} prompts x {args.num_generations} responses, "
+           f"{cfg.updates_per_step} update(s) per step, {len(train_records)} prompts", dist=dist)
+    progress = Progress(args.max_steps, grpo_step, "grpo", dist)
+    while grpo_step < args.max_steps:
+        records, images, skipped = rollout_prompts(args, dist, train_records, grpo_step, steps_per_epoch)
+        batch = to_device(encode_prompts(processor, records, images, args.min_pixels, args.max_pixels), dist.device)
+        step_metrics, rollouts = grpo.grpo_step(model, reference, optimizer, batch, [r["answer"] for r in records],
+                                                [r["task"] for r in records], processor, cfg)
+        scheduler.step()
+        grpo_step += 1
+        if grpo_step == 1 and step_metrics["format"] < 0.05:
+            print0(f"WARNING: format rate {step_metrics['format']:.3f} at the first GRPO step: the policy almost never "
+                   "writes <think>..</think> \\boxed{}; GRPO from here collapses (the paper's no-cold-start case). "
+                   "Run the SFT cold start first (--stage all) or start from its checkpoint.", dist=dist)
+        step = first_step + grpo_step
+        row = {"stage": "grpo", "step": step, "grpo_step": grpo_step, "learning_rate": scheduler.get_last_lr()[0],
+               "skipped_records": all_reduce_sum([skipped], dist)[0], **step_metrics}
+        metrics.log(row)
+        progress.update(row, every=args.logging_steps)
+        if args.rollout_save_steps and grpo_step % args.rollout_save_steps == 0:
+            write_rollouts(args, dist, grpo_step, records, rollouts)
+        if args.eval_steps and grpo_step % args.eval_steps == 0 and grpo_step < args.max_steps:
+            results = evaluate(args, dist, model, processor, held_out)
+            metrics.log({"stage": "grpo", "step": step, **{f"eval/{key}/{task}": entry[key] for task, entry in
+                                                           results.items() for key in ("accuracy", "format")}})
+        if grpo_step % args.save_steps == 0 or grpo_step == args.max_steps:
+            save_checkpoint(args, dist, model, processor, step, "grpo", optimizer, scheduler,
+                            extra_state={"grpo_step": grpo_step, "first_step": first_step,
+                                         "reference": str(reference_path)})
+    progress.close()
+    return first_step + grpo_step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        print(plot_metrics(args.plot))
+        return
+    started = time.perf_counter()
+    dist = compute_init()
+    transformers_logging.disable_progress_bar()   # "Writing model shards" bars at each save
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    resume = resolve_resume(args)
+    if args.stage == "eval" and args.eval_tsv and not has_dataset(args.data):
+        train, held_out = [], []     # only the TSV benchmarks
+    else:
+        train, held_out = prepare_data(args, dist)
+    state = json.loads((resume / "trainer_state.json").read_text()) if resume else None
+    if resume:
+        print0(f"resuming from {resume} ({state['stage']} step {state['step']})", dist=dist)
+        args.model = str(resume)
+    tiny_build = args.model in PRESETS and (PRESETS[args.model][1] is None or args.init == "random")
+    sample = random.Random(args.seed).sample(train, min(len(train), 2000)) if tiny_build else []
+    model, processor, family = load_model(args, dist, corpus=tokenizer_corpus(sample, args.seed))
+    sft_pixels = (args.sft_min_pixels, args.sft_max_pixels)
+    if args.stage in ("all", "sft"):
+        train = filter_records(processor, train, args.max_prompt_length, *sft_pixels, dist, "train")
+    held_out = filter_records(processor, held_out, args.max_prompt_length, args.min_pixels, args.max_pixels, dist, "eval")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if dist.world > 1:
+        model = shard(model, mixed_precision=dist.device.type == "cuda")
+    metrics = Metrics(args.out, dist, state and state["stage"], state and state["step"])
+    evaluations, sft_steps = {}, 0
+    for stage in ("base", "sft", "grpo"):   # earlier evaluations of a resumed run
+        path = Path(args.out) / f"eval-{stage}.json"
+        if resume and path.is_file():
+            evaluations[stage] = json.loads(path.read_text())
+    if args.stage == "eval" and held_out:   # named after the checkpoint's stage (eval-sft.json ...), else eval-base.json
+        saved = Path(args.model) / "trainer_state.json"
+        name = json.loads(saved.read_text())["stage"] if saved.is_file() else "base"
+        run_evaluation(args, dist, model, processor, held_out, name, evaluations)
+    if args.stage in ("all", "sft") and not resume:
+        run_evaluation(args, dist, model, processor, held_out, "base", evaluations)
+    if args.stage in ("all", "sft") and (not state or state["stage"] == "sft"):
+        parameters = freeze_for_sft(model, args.freeze_vision_tower, args.freeze_multi_modal_projector)
+        optimizer = torch.optim.AdamW(parameters, lr=args.sft_learning_rate, weight_decay=args.sft_weight_decay)
+        examples = sft_subset(train, args.sft_data_fraction, args.seed)
+        total = max(1, math.ceil(args.sft_num_train_epochs * math.ceil(len(examples) / args.sft_global_batch_size)))
+        scheduler = sft_schedule(optimizer, args, total)
+        if resume:
+            load_trainer_state(resume, dist, model, optimizer, scheduler)
+        sft_steps = (train_sft(args, dist, model, processor, train, optimizer, scheduler, state, metrics)
+                     if not state or state["step"] < total else state["step"])
+        run_evaluation(args, dist, model, processor, held_out, "sft", evaluations)
+        state = None
+    if args.stage in ("all", "grpo"):
+        if args.stage == "grpo" or (args.min_pixels, args.max_pixels) != sft_pixels:   # at the rollout resolution
+            train = filter_records(processor, train, args.max_prompt_length, args.min_pixels, args.max_pixels, dist,
+                                   "train")
+        train_grpo(args, dist, model, processor, train, held_out, state, metrics, first_step=sft_steps)
+        run_evaluation(args, dist, model, processor, held_out, "grpo", evaluations)
+    for tsv in args.eval_tsv:
+        result = evaluate_tsv(args, dist, model, processor, tsv)
+        print0(f"{tsv}: accuracy {result['accuracy']:.3f} format {result['format']:.3f} "
+               f"n {result['n']} skipped {result['skipped']}", dist=dist)
+    if dist.rank == 0 and evaluations:
+        print0("\n" + format_table(evaluations))
+        print0(f"\nwall time {time.perf_counter() - started:.0f} s; outputs in {args.out}")
+        if (Path(args.out) / "metrics.jsonl").is_file():
+            try:
+                print0(f"curves: {plot_metrics(args.out)}")
+            except UserError as error:
+                print0(f"no curves: {error}")
+    if dist.world > 1:
+        torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, tasks.BadRecord) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,236 @@
+"""ssrl.py: prompts, padding invariance of response log-probs, cold-start answers, checkpoints, evaluation, flags."""
+import base64
+import io
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo
+import ssrl
+import tasks
+from tests.helpers import FAMILIES, make_record, tiny_dataset, tiny_model
+
+
+def image_runs(ids, image_token_id):
+    """(start, length) of each run of image tokens in a 1-D id list."""
+    runs, start = [], None
+    for i, token in enumerate(ids + [-1]):
+        if token == image_token_id and start is None:
+            start = i
+        elif token != image_token_id and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_image_token_sits_where_its_placeholder_was(family):
+    _, processor = tiny_model(family)
+    rng = random.Random(1)
+    records, images = zip(*[make_record(rng, n) for n in (1, 5, 3)])
+    batch = ssrl.encode_prompts(processor, list(records), list(images), 56 * 56, 128 * 128)
+    tokenizer = processor.tokenizer
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+    grids = iter(batch["image_grid_thw"].tolist())
+    assert batch["images_per_sample"].tolist() == [1, 5, 3]
+    for row, record in enumerate(records):
+        mask = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row][mask].tolist()
+        assert batch["attention_mask"][row].tolist() == sorted(batch["attention_mask"][row].tolist())   # left pad
+        assert (batch["mm_token_type_ids"][row] == (batch["input_ids"][row] == processor.image_token_id)).all()
+        runs = image_runs(ids, processor.image_token_id)
+        assert len(runs) == record["problem"].count("<image>")
+        for run_start, length in runs:
+            t, h, w = next(grids)
+            assert length == t * h * w // 4
+            assert ids[run_start - 1] == start and ids[run_start + length] == end
+        # the text between the images is the question's text between its placeholders, in order
+        pieces, last = [], 0
+        for run_start, length in runs:
+            pieces.append(tokenizer.decode(ids[last:run_start - 1]))
+            last = run_start + length + 1
+        pieces.append(tokenizer.decode(ids[last:]))
+        expected = tasks.make_prompt(record["problem"]).split("<image>")
+        assert pieces[0].endswith(expected[0]) and all(p == e for p, e in zip(pieces[1:-1], expected[1:-1]))
+        assert pieces[-1].startswith(expected[-1])
+
+
+def response_logprobs(model, processor, records, images, responses):
+    batch = ssrl.encode_prompts(processor, records, images, 56 * 56, 128 * 128)
+    completion_ids, completion_mask = ssrl.encode_responses(processor.tokenizer, responses)
+    full = grpo.join_completions(batch, completion_ids, completion_mask, 1)
+    with torch.no_grad():
+        logp = grpo.response_logprobs(model, full, batch["input_ids"].shape[1])
+    return [row[mask.bool()] for row, mask in zip(logp, completion_mask)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_response_logprobs_same_alone_and_left_padded_in_a_mixed_batch(family):
+    """M-RoPE positions and mm_token_type_ids must follow the padding (TRL #5785, verl #4243)."""
+    model, processor = tiny_model(family)
+    rng = random.Random(2)
+    samples = [make_record(rng, n, question=q) for n, q in
+               ((2, "Which of the two regions is nearer to the camera?"), (1, "Short?"),
+                (5, "Pick the missing part among the options shown here."), (3, "Order these images by depth please."))]
+    records, images = [list(x) for x in zip(*samples)]
+    responses = ["<think>Region 1 is lower.</think> \\boxed{A}", "<think>x</think> \\boxed{B}",
+                 "<think>The black square is top-left; option C continues the edges.</think> \\boxed{C}",
+                 "<think>near to far</think> \\boxed{1-2-3}"]
+    together = response_logprobs(model, processor, records, images, responses)
+    reordered = response_logprobs(model, processor, records[::-1], images[::-1], responses[::-1])[::-1]
+    for i in range(len(records)):
+        alone = response_logprobs(model, processor, records[i:i + 1], images[i:i + 1], responses[i:i + 1])[0]
+        torch.testing.assert_close(together[i], alone, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(reordered[i], alone, atol=2e-5, rtol=1e-5)
+    # and the positions matter: dropping mm_token_type_ids (1-D fallback) changes Qwen2.5-VL's log-probs
+    if family == "qwen2_5_vl":
+        batch = ssrl.encode_prompts(processor, records[:1], images[:1], 56 * 56, 128 * 128)
+        completion_ids, completion_mask = ssrl.encode_responses(processor.tokenizer, responses[:1])
+        full = grpo.join_completions(batch, completion_ids, completion_mask, 1)
+        full.pop("mm_token_type_ids")
+        with torch.no_grad():
+            logits_1d = model(**{k: v for k, v in full.items() if k != "images_per_sample"}).logits
+            full["mm_token_type_ids"] = (full["input_ids"] == processor.image_token_id).long()
+            logits_3d = model(**{k: v for k, v in full.items() if k != "images_per_sample"}).logits
+        assert (logits_1d - logits_3d).abs().max() > 1e-4
+
+
+def test_every_cold_start_answer_scores_one():
+    """Thousands of generated samples, several phrasings each: format 1 and accuracy 1 against their own answer."""
+    rng = random.Random(3)
+    scenes = [tasks.render_scene(random.Random(seed), 112, 84) for seed in range(6)]
+    count = 0
+    phrasings = {task: set() for task in tasks.TASKS}
+    for index in range(2500):
+        image, depth = scenes[index % len(scenes)]
+        task = tasks.TASKS[index % 5]
+        try:
+            if task in ("depth", "position"):
+                sample = getattr(tasks, f"{task}_task")(image, depth, None, rng)
+            else:
+                sample = getattr(tasks, f"{task}_task")(image, rng)
+        except tasks.Skip:
+            continue
+        record = {"task": task, "answer": sample.answer, "meta": {"size": list(image.size), **sample.meta}}
+        response = ssrl.cold_start_response(record, rng)
+        score = tasks.reward(response, sample.answer)
+        assert score == {"overall": 1.0, "format": 1.0, "accuracy": 1.0}, (task, response, sample.answer)
+        phrasings[task].add(response.split("</think>")[0][:25])
+        count += 1
+    assert count > 2000
+    assert all(len(p) >= 3 for p in phrasings.values()), phrasings
+
+
+def test_checkpoint_loads_with_from_pretrained_and_gives_identical_logits(tmp_path):
+    from transformers import AutoModelForImageTextToText
+    model, processor = tiny_model("qwen3_vl")
+    args = ssrl.parse_args(["--out", str(tmp_path), "--save-limit", "2"])
+    dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in (1, 2, 3):
+        path = ssrl.save_checkpoint(args, dist, model, processor, step, "sft", optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]   # --save-limit 2
+    loaded = AutoModelForImageTextToText.from_pretrained(path).eval()
+    loaded_processor = ssrl.load_processor(path, "qwen3_vl")
+    rng = random.Random(4)
+    records, images = zip(*[make_record(rng, n) for n in (1, 2)])
+    batch = ssrl.encode_prompts(processor, list(records), list(images), 56 * 56, 128 * 128)
+    batch_loaded = ssrl.encode_prompts(loaded_processor, list(records), list(images), 56 * 56, 128 * 128)
+    for key in batch:
+        assert torch.equal(batch[key], batch_loaded[key]), key
+    inputs = {k: v for k, v in batch.items() if k != "images_per_sample"}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    assert json.loads((path / "processor_config.json").read_text())["processor_class"] == "Qwen3VLProcessor"
+
+
+def write_tsv(path, rows):
+    buffer = io.BytesIO()
+    tasks.render_scene(random.Random(0), 64, 48)[0].save(buffer, "PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    lines = ["index\tquestion\tA\tB\tC\tD\tanswer\timage"]
+    for i, (answer, _) in enumerate(rows):
+        lines.append(f"{i}\tWhere is the cup?\tLeft\tRight\tFront\tBack\t{answer}\t{image if i == 0 else '0'}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_tsv_eval_of_a_model_that_always_answers_A(tmp_path, monkeypatch):
+    model, processor = tiny_model("qwen2_5_vl")
+    answers = ["A", "B", "A", "C", "A", "D", "A"]
+    write_tsv(tmp_path / "bench.tsv", [(a, None) for a in answers])
+    forced = processor.tokenizer("<think>It is on the left.</think> \\boxed{A. Left}")["input_ids"]
+    seen = []
+
+    def always_a(model, processor, batch, max_new_tokens):
+        seen.append(batch["input_ids"].shape[0])
+        return torch.tensor([forced] * batch["input_ids"].shape[0])
+
+    monkeypatch.setattr(ssrl, "generate_greedy", always_a)
+    args = ssrl.parse_args(["--eval-batch-size", "3"])
+    dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
+    result = ssrl.evaluate_tsv(args, dist, model, processor, tmp_path / "bench.tsv")
+    assert result == {"accuracy": 4 / 7, "format": 1.0, "n": 7, "skipped": 0}
+    assert seen == [3, 3, 1]
+    assert ssrl.tsv_choice("<think></think>\\boxed{Front}", {"A": "Left", "C": "Front"}) == "C"
+    assert ssrl.tsv_choice("\\boxed{(B)}", {"A": "x", "B": "y"}) == "B"
+    assert ssrl.tsv_choice("no box", {"A": "x"}) is None
+
+
+def test_tiny_presets_have_their_own_defaults_and_user_flags_win():
+    args = ssrl.parse_args([])
+    assert args.model == "tiny-qwen2.5-vl" and args.sft_learning_rate == ssrl.TINY_DEFAULTS["sft_learning_rate"]
+    assert args.freeze_vision_tower is False and args.data == "data/tiny"
+    args = ssrl.parse_args(["--sft-learning-rate", "0.01", "--model", "tiny-qwen3-vl"])
+    assert args.sft_learning_rate == 0.01 and args.max_pixels == 128 * 128
+    args = ssrl.parse_args(["--model", "qwen2.5-vl-7b"])
+    assert (args.sft_learning_rate, args.sft_num_train_epochs, args.sft_global_batch_size) == (1e-5, 5, 256)
+    assert args.freeze_vision_tower and args.sft_max_pixels == 512 * 512 and args.min_pixels == 512 * 512
+
+
+@pytest.mark.parametrize("name,billions", [("qwen2.5-vl-3b", 3.75), ("qwen2.5-vl-7b", 8.29), ("qwen3-vl-4b", 4.44)])
+def test_random_init_builds_the_real_architectures(name, billions):
+    from transformers import AutoModelForImageTextToText
+    family = ssrl.PRESETS[name][0]
+    _, processor = tiny_model(family)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(ssrl.real_config(name, processor.tokenizer))
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_user_mistakes_give_one_line_errors(tmp_path):
+    train, _ = tiny_dataset(str(tmp_path / "data"))
+    cases = [(["--model", "gpt-5"], "unknown --model 'gpt-5'"),
+             (["--model", str(tmp_path)], "is not a model folder"),
+             (["--resume", str(tmp_path / "nothing")], "no such checkpoint folder"),
+             (["--sft-micro-batch-size", "0"], "must be at least 1")]
+    half = tmp_path / "run" / "checkpoint-5"
+    half.mkdir(parents=True)
+    (half / "config.json").write_text("{}")
+    cases.append((["--resume", str(half)], "checkpoint is incomplete"))
+    for argv, message in cases:
+        with pytest.raises(ssrl.UserError, match=message) as error:
+            ssrl.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--stage", "sft", *argv])
+        assert "\n" not in str(error.value)
+    with pytest.raises(ssrl.UserError, match="no train records for task"):
+        ssrl.main(["--data", str(tmp_path / "empty"), "--tasks", "depth", "--per-task", "0", "--eval-per-task", "1",
+                   "--out", str(tmp_path / "run")])
+    # a record whose image vanished is skipped and counted, never a crash
+    Path(train[0]["images"][0]).unlink()
+    kept, images, skipped = ssrl.open_batch(train[:3])
+    assert skipped == 1 and len(kept) == 2
+    processor = tiny_model("qwen2_5_vl")[1]
+    assert len(ssrl.filter_records(processor, train, 4096, 56 * 56, 128 * 128)) == len(train) - 1
+    assert ssrl.filter_records(processor, train[1:], 20, 56 * 56, 128 * 128) == []   # too long: dropped, not cut
+
+
+def test_command_line_error_is_one_line():
+    result = subprocess.run([sys.executable, "ssrl.py", "--model", "nope", "--stage", "eval"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent.parent, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown --model 'nope'")
+    assert "Traceback" not in result.stderr
