@@ -5,6 +5,7 @@ One call of `grpo_step` does one step for this rank's prompts:
   2. decode them (skip_special_tokens) and score each with `tasks.reward`: 0.9 accuracy + 0.1 format
   3. group advantages  A_i = (r_i - mean_g r) / (std_g r + 1e-6), unbiased std; a group of equal rewards gets 0
   4. log-probs of the responses under the policy before the update (old) and the frozen reference, no grad
+     (with a single update per step the old log-probs are the update's own, detached: exact and one pass less)
   5. `updates_per_step` mini-batches, each split into micro-batches:
         log rho = clamp(logp - old_logp, -20, 20)
         L = max(-A rho, -A clip(rho, 1 - 0.2, 1 + 0.3)),  and  min(L, -3.0 A)  where A < 0  (dual clip)
@@ -20,7 +21,9 @@ The recipe and its sources (EasyR1 as used by InternLM/Spatial-SSRL; spec sectio
   grad clip 1.0 (here); AdamW lr 1e-6 constant, wd 0.01 (the caller owns optimizer and schedule)
 Departures from EasyR1: one engine (HF generate, no vLLM) samples and scores, so old log-probs only differ from the
 sampler's by numerics; mini-batches are contiguous runs of sequences (no `_balance_batch` reordering); padding is
-masked instead of packed. ssrl.py imports this file; this file never imports ssrl.py.
+masked instead of packed; vision tokens (<|image_pad|> etc.) are never sampled, since a later forward would take a
+sampled one for an image slot. ssrl.py imports this file (`python ssrl.py` runs SFT then GRPO); this file never
+imports ssrl.py.
 
 Distributed: under torchrun every rank passes the same number of prompts (its own share of whole groups). The
 policy must average gradients over ranks (FSDP2 `fully_shard`, or DDP): each rank divides its token sum by
@@ -38,6 +41,12 @@ from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from kernels import fused_logprobs
 from tasks import extract_boxed, reward as task_reward
+
+
+# kernels.fused_logprobs path of every log-prob pass (SFT, old, reference, policy): None picks by device (Triton on
+# CUDA, the chunked PyTorch fallback on a CPU); "torch", "triton" or "reference" force one. "reference" materialises
+# [tokens x vocab] logits: bench/grpo.py sets it to time the step with the fused log-probs off.
+LOGPROBS_IMPL = None
 
 
 @dataclasses.dataclass
@@ -105,10 +114,11 @@ def _model_inputs(batch):
                                         "image_grid_thw") if key in batch}
 
 
-def _fsdp_method(model, name):
-    """FSDP2 gathers the root's own parameters (embeddings, lm_head, norms, patch embed, merger) only around
-    `forward`; any other entry point must be registered (env.md section 5: generate fails with "mixed torch.Tensor
-    and DTensor" otherwise). Registering twice would gather twice, so remember what was registered."""
+def fsdp_method(model, name):
+    """`model.<name>` of a sharded model, registered once as an FSDP forward method (ssrl.shard registers
+    `generate` through it). FSDP2 gathers the root's own parameters (embeddings, lm_head, norms, patch embed,
+    merger) only around `forward`; any other entry point must be registered (env.md section 5: generate fails
+    with "mixed torch.Tensor and DTensor" otherwise). Registering twice would gather twice, so remember it."""
     registered = model.__dict__.setdefault("_grpo_fsdp_methods", set())
     if name not in registered:
         register_fsdp_forward_method(model, name)
@@ -126,7 +136,7 @@ def _response_logprobs(model, full_batch, prompt_len, temperature, return_entrop
     mask = full_batch["attention_mask"][:, prompt_len:].bool()                               # [B, R]
     weight = model.get_output_embeddings().weight                                            # [V, D]
     logp_rows, entropy_rows = fused_logprobs(hidden[mask], weight, targets[mask], temperature=temperature,
-                                             return_entropy=True)                            # [N], [N]
+                                             return_entropy=True, impl=LOGPROBS_IMPL)        # [N], [N]
     logp = torch.zeros(mask.shape, dtype=logp_rows.dtype, device=mask.device).masked_scatter(mask, logp_rows)  # [B, R]
     if not return_entropy:
         return logp
@@ -140,7 +150,7 @@ def response_logprobs(model, full_batch, prompt_len, temperature=1.0, return_ent
     if isinstance(model, FSDPModule):
         if "_grpo_response_logprobs" not in model.__dict__:
             model._grpo_response_logprobs = types.MethodType(_response_logprobs, model)
-        return _fsdp_method(model, "_grpo_response_logprobs")(full_batch, prompt_len, temperature, return_entropy)
+        return fsdp_method(model, "_grpo_response_logprobs")(full_batch, prompt_len, temperature, return_entropy)
     return _response_logprobs(model, full_batch, prompt_len, temperature, return_entropy)
 
 
@@ -162,7 +172,7 @@ def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eo
     vision_ids = [getattr(model.config, name, None) for name in
                   ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")]
     sharded = isinstance(model, FSDPModule)
-    generate = _fsdp_method(model, "generate") if sharded else model.generate
+    generate = fsdp_method(model, "generate") if sharded else model.generate
     output = generate(**prompts, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
                       num_return_sequences=1, min_new_tokens=0,
                       suppress_tokens=[token for token in vision_ids if token is not None],
@@ -271,6 +281,7 @@ def _logprobs(model, full, prompt_len, temperature, micro_batch_size):
 
 def update_policy(policy, optimizer, full, prompt_len, old_logp, ref_logp, advantages, cfg):
     """`cfg.updates_per_step` optimizer updates on the rollouts, each on a contiguous mini-batch of sequences.
+    old_logp (or ref_logp) None means "the policy's own log-probs, detached": exact for a single on-policy update.
     A non-finite loss or gradient norm (on any rank) skips that update; returns summed metrics and counts."""
     world = _world_size()
     mask = full["attention_mask"][:, prompt_len:]                                            # [S, R]
@@ -288,7 +299,9 @@ def update_policy(policy, optimizer, full, prompt_len, old_logp, ref_logp, advan
             inputs, micro_prompt_len, length = _micro_batch(full, index, prompt_len)
             logp, entropy = response_logprobs(policy, inputs, micro_prompt_len, temperature, return_entropy=True)
             micro_mask = mask[index, :length]                                                # [b, R']
-            loss, metrics = policy_loss(logp, old_logp[index, :length], ref_logp[index, :length], advantages[index],
+            old = logp.detach() if old_logp is None else old_logp[index, :length]             # [b, R']
+            ref = logp.detach() if ref_logp is None else ref_logp[index, :length]             # [b, R']
+            loss, metrics = policy_loss(logp, old, ref, advantages[index],
                                         micro_mask, total_tokens, cfg.clip_low, cfg.clip_high, cfg.dual_clip,
                                         cfg.kl_coef)
             loss.backward()
@@ -363,11 +376,12 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
 
     full = join_completions(batch, completion_ids, completion_mask, n)                       # [B*n, P+R]
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
-    old_logp = _logprobs(policy, full, prompt_len, temperature, cfg.logprob_micro_batch_size)           # [B*n, R]
-    if cfg.kl_coef > 0:
-        ref_logp = _logprobs(reference, full, prompt_len, temperature, cfg.logprob_micro_batch_size)    # [B*n, R]
-    else:
-        ref_logp = old_logp
+    # one update per step is on-policy: the old log-probs are the update's own, detached (TRL does the same with
+    # num_iterations 1), which saves a pass; with more updates the later ones need the rollout policy's
+    old_logp = (_logprobs(policy, full, prompt_len, temperature, cfg.logprob_micro_batch_size)          # [B*n, R]
+                if cfg.updates_per_step > 1 else None)
+    ref_logp = (_logprobs(reference, full, prompt_len, temperature, cfg.logprob_micro_batch_size)       # [B*n, R]
+                if cfg.kl_coef > 0 else None)
     scored = _clock(device)
 
     policy.train()

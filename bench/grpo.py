@@ -1,25 +1,23 @@
 """Seconds per GRPO step and where they go, tokens/s and peak memory, with the fused log-probs on and off.
 
     OMP_NUM_THREADS=1 python -m bench.grpo                                   # tiny Qwen2.5-VL on the CPU
-    python -m bench.grpo --model qwen2.5-vl-3b --prompts 16 --max-new-tokens 256   # real architecture, random init, CUDA
+    python -m bench.grpo --model qwen2.5-vl-3b --prompts 16 --max-new-tokens 256   # real shape, random init, CUDA
 
 Each variant runs `grpo.grpo_step` on the same prompts (procedural pretext-task samples from tasks.py, encoded by
-ssrl.encode_prompts) after one warm-up step. "torch" is kernels.fused_logprobs' path on this device (the chunked
-PyTorch fallback on a CPU, Triton on CUDA; pass --impls triton,reference to name it); "reference" materialises
-[tokens x vocab] logits (log_softmax + gather): the fused log-probs switched off. A model from random init rarely
+ssrl.encode_prompts) after one warm-up step, with `grpo.LOGPROBS_IMPL` set to each of --impls: "triton" (the fused
+kernel, CUDA) or "torch" (its chunked PyTorch fallback, CPU) are the fused log-probs on; "reference" materialises
+[tokens x vocab] logits (log_softmax + gather): the fused log-probs off. A model from random init rarely
 samples EOS, so responses run to --max-new-tokens: the step length is fixed, which is what a timing wants.
 Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU (reset before each variant).
 """
 import argparse
 import copy
-import functools
 import os
 import tempfile
 
 import torch
 
 import grpo
-import kernels
 import ssrl
 import tasks
 
@@ -76,7 +74,8 @@ def main():
     parser.add_argument("--image-size", type=int, default=112, help="longest image side in pixels")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="sequences per pass (default: all)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after 1 warm-up)")
-    parser.add_argument("--impls", default=None, help="comma-separated kernels impls (default torch,reference)")
+    parser.add_argument("--impls", default=None, help="comma-separated grpo.LOGPROBS_IMPL values (default: the "
+                        "device's fused path, then reference: triton,reference on CUDA, torch,reference on a CPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -90,9 +89,8 @@ def main():
           f"{policy.config.get_text_config().vocab_size}, {args.prompts} prompts x {args.n}, prompt length "
           f"{batch['input_ids'].shape[1]}, max new tokens {args.max_new_tokens}, {args.steps} steps per variant")
     rows = []
-    fused = grpo.fused_logprobs
-    for impl in (args.impls or "torch,reference").split(","):
-        grpo.fused_logprobs = functools.partial(kernels.fused_logprobs, impl=impl)
+    for impl in (args.impls or ("triton" if device.type == "cuda" else "torch") + ",reference").split(","):
+        grpo.LOGPROBS_IMPL = impl
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
         torch.manual_seed(0)
         grpo.grpo_step(policy, reference, optimizer, batch, answers, task_names, processor, cfg)   # warm-up
@@ -101,7 +99,7 @@ def main():
                 for _ in range(args.steps)]
         mean = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
         rows.append((impl, mean, peak_mib(device)))
-    grpo.fused_logprobs = fused
+    grpo.LOGPROBS_IMPL = None
     print("| log-probs | s/step | generate | reward | log-probs (old+ref) | update | tokens/s | response length "
           "| peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|")

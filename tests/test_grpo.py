@@ -68,7 +68,8 @@ def build_image_processor(family, max_side=56):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     patch = 14 if family == "qwen2.5-vl" else 16
     return Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                    size={"shortest_edge": (2 * patch) ** 2, "longest_edge": (max_side // patch * patch) ** 2})
+                                    size={"shortest_edge": (2 * patch) ** 2,
+                                          "longest_edge": (max_side // patch * patch) ** 2})
 
 
 def encode(tokenizer, image_processor, questions, images):
@@ -105,7 +106,8 @@ def mixed_batch(family, tokenizer):
     """3 prompts with 1, 3 and 2 images of different sizes, questions of different lengths."""
     processor = build_image_processor(family)
     images = [[coloured((255, 0, 0), (28, 28))],
-              [coloured((0, 255, 0), (56, 28), 1), coloured((0, 0, 255), (28, 56), 2), coloured((9, 9, 9), (56, 56), 3)],
+              [coloured((0, 255, 0), (56, 28), 1), coloured((0, 0, 255), (28, 56), 2),
+               coloured((9, 9, 9), (56, 56), 3)],
               [coloured((255, 255, 0), (28, 28), 4), coloured((0, 255, 255), (40, 30), 5)]]
     return encode(tokenizer, processor, ["What colour is the image?", "A red", "What colour? A red B green C blue"],
                   images)
@@ -257,6 +259,38 @@ def test_response_logprobs_equal_the_models_own_log_softmax(family, tokenizer):
     torch.testing.assert_close(single.detach()[0], expected[3, :5], atol=2e-5, rtol=1e-5)
 
 
+def select_by_hand(batch, index):
+    """select_samples spelt out with Python lists: each chosen prompt's images and their pixel rows, in order."""
+    images = batch["images_per_sample"].tolist()
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    image_rows, patch_rows = [], []
+    for i in index:
+        first = sum(images[:i])
+        for image in range(first, first + images[i]):
+            image_rows.append(image)
+            patch_rows.extend(range(sum(patches[:image]), sum(patches[:image + 1])))
+    return image_rows, patch_rows
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_select_samples_takes_each_prompts_own_images(device, tokenizer):
+    """Repeated and reordered prompts keep their own image rows; on CUDA, images_per_sample stays on the CPU (as
+    ssrl.to_device leaves it) while the other tensors are on the GPU."""
+    batch = mixed_batch("qwen2.5-vl", tokenizer)                      # 1, 3 and 2 images of different sizes
+    index = torch.tensor([2, 0, 1, 2, 1])
+    image_rows, patch_rows = select_by_hand(batch, index.tolist())
+    moved = {key: value if key == "images_per_sample" else value.to(device) for key, value in batch.items()}
+    out = grpo.select_samples(moved, index.to(device))
+    assert torch.equal(out["image_grid_thw"].cpu(), batch["image_grid_thw"][image_rows])
+    assert torch.equal(out["pixel_values"].cpu(), batch["pixel_values"][patch_rows])
+    assert torch.equal(out["input_ids"].cpu(), batch["input_ids"][index])
+    assert out["pixel_values"].device.type == device and out["images_per_sample"].device.type == "cpu"
+    full = grpo.join_completions(moved, torch.ones(6, 2, dtype=torch.long, device=device),
+                                 torch.ones(6, 2, dtype=torch.long, device=device), 2)
+    assert full["input_ids"].shape[0] == 6 and full["pixel_values"].shape[0] == 2 * batch["pixel_values"].shape[0]
+
+
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
 def test_generate_on_left_padded_multi_image_batch(family, tokenizer):
     model = build_model(family, tokenizer)
@@ -371,3 +405,26 @@ def test_non_finite_loss_skips_the_update_and_counts_it(tokenizer, monkeypatch):
     # the second update ran only if it had a gradient; AdamW's weight decay moves the weights either way
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     assert all(p.grad is None for p in policy.parameters())
+
+
+def test_single_update_uses_its_own_log_probs_as_old(tokenizer):
+    """updates_per_step 1 skips the old-policy pass (old = the update's own log-probs, detached): the same update as
+    recomputing them in a separate pass."""
+    batch, _, _ = colour_batch(tokenizer)
+    generator = torch.Generator().manual_seed(3)
+    completion_ids = torch.randint(10, 290, (12, 5), generator=generator)
+    completion_mask = (torch.arange(5)[None] < torch.randint(1, 6, (12, 1), generator=generator)).long()
+    advantages = torch.randn(12, generator=generator)
+    full = grpo.join_completions(batch, completion_ids, completion_mask, 3)
+    prompt_len = batch["input_ids"].shape[1]
+    cfg = grpo.GRPOConfig(num_generations=3, updates_per_step=1, micro_batch_size=5, kl_coef=0.0)
+    results = []
+    for explicit in (False, True):
+        model = build_model("qwen2.5-vl", tokenizer)
+        old_logp = grpo._logprobs(model, full, prompt_len, 1.0, 12) if explicit else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        metrics = grpo.update_policy(model, optimizer, full, prompt_len, old_logp, None, advantages, cfg)
+        results.append((parameters(model), metrics))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert results[0][1]["clip_ratio/region_mean"] == 0.0

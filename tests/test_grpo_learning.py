@@ -1,11 +1,16 @@
-"""GRPO learns where a signal exists, and fails when the signal is inverted.
+"""GRPO learns where a signal exists, and unlearns when the advantage sign is flipped.
 
 The task (defined here): a noisy solid image of one of 4 colours, "What colour is the image? A red B green C blue
-D yellow", answer the letter. A tiny Qwen2.5-VL is first SFT'd on the format with *random* letters, so it writes
-"<think>x</think> \\boxed{L}" but answers at chance (0.25). GRPO with tasks.reward must then raise greedy accuracy on
-held-out images well above chance; with the advantage sign flipped it must not.
+D yellow", answer the letter. A tiny Qwen2.5-VL is first SFT'd to write "<think>COLOUR</think> \\boxed{L}" where
+the think names the colour truly but the letter follows a scrambled key (one colour right) or is random: the format,
+at chance accuracy (0.25). GRPO (grpo_step, tasks.reward, recipe clips and KL; 2 updates per step, lr 2e-3) must
+raise held-out accuracy well above chance; with the advantages negated it must drive it to ~0.
 
-    OMP_NUM_THREADS=1 python tests/test_grpo_learning.py      # prints before/after per seed (the spread)
+Why the scrambled key rather than letters independent of the image: from an image-blind letter the tiny model needs
+~90 GRPO steps (about a minute) before its accuracy leaves chance; with an image-dependent but wrong answer it needs
+~20, which keeps this CI test at ~25 s per seed.
+
+    OMP_NUM_THREADS=1 python tests/test_grpo_learning.py 5    # before/after for seeds 0-4, both signs (the spread)
 """
 import itertools
 import os
@@ -19,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
 from test_grpo import build_model, build_tokenizer, colour_batch  # noqa: E402
 
-SFT_STEPS, GRPO_STEPS, PROMPTS_PER_STEP, LR = 80, 16, 24, 2e-3
+SFT_STEPS, GRPO_STEPS, PROMPTS_PER_STEP, LR = 80, 24, 24, 2e-3
 COLOUR_NAMES = ("red", "green", "blue", "yellow")
 CFG = grpo.GRPOConfig(num_generations=5, max_new_tokens=12, updates_per_step=2, micro_batch_size=60,
                       logprob_micro_batch_size=60)
@@ -74,7 +79,7 @@ def held_out_accuracy(model, tokenizer, seed, prompts=48, samples=4):
     return results
 
 
-def run(seed, advantage_sign=1.0):
+def run(seed, advantage_sign=1.0, steps=GRPO_STEPS):
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     policy = build_model("qwen2.5-vl", tokenizer, seed=seed)
@@ -86,7 +91,7 @@ def run(seed, advantage_sign=1.0):
     real_advantages = grpo.group_advantages
     grpo.group_advantages = lambda rewards, n, eps=1e-6: advantage_sign * real_advantages(rewards, n, eps)
     try:
-        for step in range(GRPO_STEPS):
+        for step in range(steps):
             batch, answers, tasks = colour_batch(tokenizer, prompts=PROMPTS_PER_STEP, seed=100 * seed + step + 7)
             metrics, _ = grpo.grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, CFG)
     finally:
@@ -95,20 +100,25 @@ def run(seed, advantage_sign=1.0):
     return before, after, metrics
 
 
+# Measured (1 thread, 24 steps of 24 prompts x 5, lr 2e-3; ~25 s per seed alone on the 2-core box):
+#   held-out sampled accuracy  seed 0: 0.26 -> 0.69, 1: 0.20 -> 0.78, 2: 0.19 -> 0.58, 3: 0.19 -> 0.49
+#   (after 16 steps: 0.41-0.82 over seeds 0-4); advantages negated: 0.19-0.26 -> 0.00 in every seed, format 0.
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_grpo_raises_accuracy_from_chance(seed):
     torch.set_num_threads(1)
     before, after, _ = run(seed)
-    assert before["format"] >= 0.8 and before["sampled"] <= 0.4 and before["greedy"] <= 0.5   # format, at chance
-    assert after["sampled"] >= 0.55 and after["format"] >= 0.8
+    assert before["format"] >= 0.75 and before["sampled"] <= 0.35 and before["greedy"] <= 0.5   # format, at chance
+    assert after["sampled"] >= 0.45 and after["sampled"] - before["sampled"] >= 0.2
+    assert after["format"] >= 0.85
 
 
 @pytest.mark.slow
-def test_flipped_advantages_do_not_learn():
+def test_negated_advantages_unlearn():
+    """The sign error a GRPO implementation can make: it must drive accuracy down, not up."""
     torch.set_num_threads(1)
-    _, after, _ = run(0, advantage_sign=-1.0)
-    assert after["sampled"] <= 0.3
+    before, after, _ = run(0, advantage_sign=-1.0, steps=10)
+    assert after["sampled"] <= 0.15 < before["sampled"]
 
 
 if __name__ == "__main__":
