@@ -68,7 +68,7 @@ TINY_DEFAULTS = dict(
 # GRPO on the tiny model: a learning rate 100x the recipe's (1e-4 was stable here, 3e-4 collapsed the format within
 # 40 steps; notes/env.md section 7), 16 prompts x 5 responses per step, one update per step.
 TINY_GRPO_DEFAULTS = dict(
-    max_steps=60, rollout_batch_size=16, global_batch_size=16, learning_rate=1e-4, weight_decay=0.0,
+    max_steps=40, rollout_batch_size=16, global_batch_size=16, learning_rate=1e-4, weight_decay=0.0,
     micro_batch_size=40, logprob_micro_batch_size=80, eval_steps=0, rollout_save_steps=20,
 )
 
