@@ -1105,8 +1105,12 @@ def plot_metrics(run_dir):
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     keys = [k for k in ("loss", "reward", "accuracy", "format", "kl", "grad_norm", "learning_rate",
                         "completions/mean_length") if any(k in r for r in rows)]
-    figure, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3.2), squeeze=False)
-    for axis, key in zip(axes[0], keys):
+    columns = min(len(keys), 4) or 1
+    rows_of_panels = -(-len(keys) // columns) or 1
+    figure, axes = plt.subplots(rows_of_panels, columns, figsize=(4 * columns, 3.2 * rows_of_panels), squeeze=False)
+    for axis in axes.flat[len(keys):]:
+        axis.axis("off")
+    for axis, key in zip(axes.flat, keys):
         for stage in dict.fromkeys(r.get("stage", "") for r in rows):
             points = [(r["step"], r[key]) for r in rows if r.get("stage", "") == stage and key in r]
             if points:
