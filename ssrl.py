@@ -1239,6 +1239,9 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
     if args.rollout_batch_size % dist.world:
         raise UserError(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of the {dist.world} "
                         "ranks: each rank rolls out whole groups")
+    if len(train_records) < args.rollout_batch_size:
+        raise UserError(f"GRPO needs at least --rollout-batch-size {args.rollout_batch_size} training prompts; the "
+                        f"dataset has {len(train_records)} (lower the flag or add data)")
     cfg = grpo.GRPOConfig(
         num_generations=args.num_generations, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_response_length, clip_low=args.clip_ratio_low, clip_high=args.clip_ratio_high,

@@ -77,3 +77,15 @@ def test_torchrun_two_ranks_runs_the_whole_recipe_on_cpu(tmp_path):
     assert all(r["num_updates"] == 2 for r in rows if r["stage"] == "grpo")
     final = max(ssrl.checkpoints(out), key=ssrl.checkpoint_step)
     assert json.loads((final / "trainer_state.json").read_text())["stage"] == "grpo"
+
+
+def test_grpo_flag_mistakes_give_one_line_errors(tmp_path):
+    data = tmp_path / "data"
+    tiny_dataset(str(data), per_task=2, eval_per_task=1, seed=5)
+    cases = [(["--rollout-batch-size", "6", "--global-batch-size", "4"], "must be a multiple of --global-batch-size"),
+             (["--num-generations", "1"], "--num-generations must be at least 2"),
+             (["--rollout-batch-size", "64", "--global-batch-size", "32"], "needs at least --rollout-batch-size 64")]
+    for argv, message in cases:
+        with pytest.raises(ssrl.UserError, match=message) as error:
+            ssrl.main(["--stage", "grpo", "--data", str(data), "--out", str(tmp_path / "run"), *argv])
+        assert "\n" not in str(error.value)
