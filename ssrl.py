@@ -1212,9 +1212,10 @@ def rollout_prompts(args, dist, records, step, steps_per_epoch):
     kept, images, skipped = open_batch(share)
     if not kept:
         raise UserError(f"GRPO step {step}: none of this rank's {len(share)} records has readable images")
-    while len(kept) < len(share):
-        kept.append(kept[len(kept) % len(share)])
-        images.append(images[len(images) % len(share)])
+    readable = len(kept)
+    for i in range(len(share) - readable):
+        kept.append(kept[i % readable])
+        images.append(images[i % readable])
     return kept, images, skipped
 
 

@@ -89,3 +89,17 @@ def test_grpo_flag_mistakes_give_one_line_errors(tmp_path):
         with pytest.raises(ssrl.UserError, match=message) as error:
             ssrl.main(["--stage", "grpo", "--data", str(data), "--out", str(tmp_path / "run"), *argv])
         assert "\n" not in str(error.value)
+
+
+def test_unreadable_rollout_records_are_counted_and_replaced(tmp_path):
+    import argparse
+    import torch
+    train, _ = tiny_dataset(str(tmp_path / "data"), per_task=2, eval_per_task=1, seed=7)
+    args = argparse.Namespace(rollout_batch_size=4, seed=1)
+    single = ssrl.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    chosen, _, _ = ssrl.rollout_prompts(args, single, train, 0, len(train) // 4)
+    for record in chosen[:2]:
+        Path(record["images"][0]).unlink()
+    kept, images, skipped = ssrl.rollout_prompts(args, single, train, 0, len(train) // 4)
+    assert skipped == 2 and len(kept) == len(images) == 4        # every rank keeps its prompt count
+    assert all(r in chosen[2:] for r in kept)
