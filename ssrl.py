@@ -425,10 +425,15 @@ def build_tiny(family="qwen2_5_vl", texts=None, seed=0):
     return model, processor
 
 
+def model_dtype(dist):
+    """bf16 on one GPU; fp32 on CPU and under FSDP (whose MixedPrecisionPolicy computes in bf16 on CUDA)."""
+    return torch.bfloat16 if dist.device.type == "cuda" and dist.world == 1 else torch.float32
+
+
 def load_model(args, dist, corpus=()):
     """(model, processor, family) for --model: a preset, a local folder (checkpoint) or a hub id."""
     from transformers import AutoModelForImageTextToText
-    dtype = torch.bfloat16 if dist.device.type == "cuda" and dist.world == 1 else torch.float32
+    dtype = model_dtype(dist)
     name = args.model
     if name in PRESETS:
         family, hub_id = PRESETS[name]
@@ -1195,7 +1200,7 @@ def load_reference(path, dist, offload=False):
     from transformers import AutoModelForImageTextToText
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"GRPO reference model {path} is missing; restart the GRPO stage without --resume")
-    dtype = torch.bfloat16 if dist.device.type == "cuda" and dist.world == 1 else torch.float32
+    dtype = model_dtype(dist)
     reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     reference = reference.to("cpu" if offload else dist.device).eval().requires_grad_(False)
     if dist.world > 1:
