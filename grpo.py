@@ -1,12 +1,13 @@
 """GRPO for Spatial-SSRL, written to read like the equations of shared/spec/paper.md section 5.
 
 One call of `grpo_step` does one step for this rank's prompts:
-  1. generate n responses per prompt with transformers' `generate` (KV cache, left-padded multi-image prompts)
+  1. generate n responses per prompt with transformers' `generate`, a micro-batch of prompts per call (bucketed by
+     length); each prompt's images and prefill run once and its KV cache is copied n times (`shared_prompt`)
   2. decode them (skip_special_tokens) and score each with `tasks.reward`: 0.9 accuracy + 0.1 format
   3. group advantages  A_i = (r_i - mean_g r) / (std_g r + 1e-6), unbiased std; a group of equal rewards gets 0
   4. log-probs of the responses under the policy before the update (old) and the frozen reference, no grad
      (with a single update per step the old log-probs are the update's own, detached: exact and one pass less)
-  5. `updates_per_step` mini-batches, each split into micro-batches:
+  5. `updates_per_step` mini-batches of prompts, each split into micro-batches by a token budget:
         log rho = clamp(logp - old_logp, -20, 20)
         L = max(-A rho, -A clip(rho, 1 - 0.2, 1 + 0.3)),  and  min(L, -3.0 A)  where A < 0  (dual clip)
         + 0.01 * k3(ref || policy)
@@ -20,15 +21,26 @@ The recipe and its sources (EasyR1 as used by InternLM/Spatial-SSRL; spec sectio
   loss = token mean over the global mini-batch                   [workers/actor/dp_actor.py, loss_avg_mode "token"]
   grad clip 1.0 (here); AdamW lr 1e-6 constant, wd 0.01 (the caller owns optimizer and schedule)
 Departures from EasyR1: one engine (HF generate, no vLLM) samples and scores, so old log-probs only differ from the
-sampler's by numerics; mini-batches are contiguous runs of sequences (no `_balance_batch` reordering); padding is
-masked instead of packed; vision tokens (<|image_pad|> etc.) are never sampled, since a later forward would take a
-sampled one for an image slot. ssrl.py imports this file (`python ssrl.py` runs SFT then GRPO); this file never
-imports ssrl.py.
+sampler's by numerics; mini-batches are whole prompts' groups (no `_balance_batch` reordering); vision tokens
+(<|image_pad|> etc.) are never sampled, since a later forward would take a sampled one for an image slot.
+
+Shared prompts (Prefix Grouper, arXiv 2506.05433, here for multimodal M-RoPE models): a Spatial-SSRL prompt is long
+(1-5 images, >= 334 visual tokens each at 512 px, ~130 text tokens) and its answers short, so every pass that ran the
+prompt once per response spent most of its time on 5 copies of the same prompt. With `shared_prompt` each group is
+one packed row [prompt, r_1, ..., r_n]: every response attends to the prompt and causally to itself only (a 4-D
+block mask), its M-RoPE positions restart where the prompt ends, and the group's images enter once. Outputs and
+gradients equal the per-response path (tests/test_shared.py); the prompt's gradient from the n responses adds up in
+one place. Per group of prompt P and responses R_i the linear layers do P + sum R_i tokens instead of n P + sum R_i.
 
 Distributed: under torchrun every rank passes the same number of prompts (its own share of whole groups). The
-policy must average gradients over ranks (FSDP2 `fully_shard`, or DDP): each rank divides its token sum by
-(global tokens / world size), so the average of the ranks' gradients is the global token mean.
+policy must average gradients over ranks (FSDP2 `fully_shard`): each rank divides its token sum by
+(global tokens / world size), so the average of the ranks' gradients is the global token mean. Rollouts and the
+no-grad passes run inside `gathered`: every layer is all-gathered once and kept, so generation makes no collective
+call per token and ranks may generate different numbers of tokens; the update's micro-batches are all-gathered per
+layer as usual, so every rank runs the same number of them (padded with weight-0 passes).
+ssrl.py imports this file (`python ssrl.py` runs SFT then GRPO); this file never imports ssrl.py.
 """
+import contextlib
 import dataclasses
 import math
 import time
@@ -60,13 +72,14 @@ class GRPOConfig:
     dual_clip: float = 3.0            # EasyR1 clip_ratio_dual
     kl_coef: float = 0.01             # k3 KL weight in the loss (TRL beta); 0 skips the reference pass
     updates_per_step: int = 2         # rollout 256 prompts / update 128 prompts
-    micro_batch_size: int = 1         # sequences per forward/backward (EasyR1 micro_batch_size_per_device_for_update)
-    logprob_micro_batch_size: int = 2  # sequences per no-grad pass (..._for_experience)
+    rollout_micro_batch_size: int = 8  # prompts (each with its n responses) per generate call
+    max_tokens_per_micro_batch: int = 16384  # padded tokens per forward in the log-prob and update passes
+    shared_prompt: bool = True        # each group as one packed row [prompt, r_1..r_n]; False: a row per response
     max_grad_norm: float = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Batches: select samples with their images, repeat prompts, append completions
+# Prompt batches: select samples with their images
 
 def select_samples(batch, index):
     """Rows `index` (a 1-D LongTensor) of a prompt batch from ssrl.encode_prompts, with their images' pixel rows.
@@ -91,22 +104,10 @@ def select_samples(batch, index):
     return out
 
 
-def repeat_prompts(batch, n):
-    """Each prompt n times in a row: sample i * n + j is prompt i (the layout group_advantages expects)."""
-    return select_samples(batch, torch.arange(batch["input_ids"].shape[0]).repeat_interleave(n))
-
-
-def join_completions(batch, completion_ids, completion_mask, k):
-    """Prompt i repeated k times followed by its k completions; completion tokens are text (mm_token_type_ids 0)."""
-    prompts = repeat_prompts(batch, k)
-    full = dict(prompts)
-    full["input_ids"] = torch.cat([prompts["input_ids"], completion_ids], 1)                      # [B*k, P+R]
-    full["attention_mask"] = torch.cat([prompts["attention_mask"],
-                                        completion_mask.to(prompts["attention_mask"].dtype)], 1)  # [B*k, P+R]
-    full["mm_token_type_ids"] = torch.cat([prompts["mm_token_type_ids"],
-                                           torch.zeros_like(completion_ids, dtype=prompts["mm_token_type_ids"].dtype)],
-                                          1)                                                       # [B*k, P+R]
-    return full
+def _trim_left_padding(batch):
+    """The columns that are padding in every row cut off (prompts are left-padded)."""
+    first = int(batch["attention_mask"].any(0).long().argmax())
+    return {**batch, **{key: batch[key][:, first:] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}}
 
 
 def _model_inputs(batch):
@@ -115,10 +116,10 @@ def _model_inputs(batch):
 
 
 def fsdp_method(model, name):
-    """`model.<name>` of a sharded model, registered once as an FSDP forward method (ssrl.shard registers
-    `generate` through it). FSDP2 gathers the root's own parameters (embeddings, lm_head, norms, patch embed,
-    merger) only around `forward`; any other entry point must be registered (env.md section 5: generate fails
-    with "mixed torch.Tensor and DTensor" otherwise). Registering twice would gather twice, so remember it."""
+    """`model.<name>` of a sharded model, registered once as an FSDP forward method. FSDP2 gathers the root's own
+    parameters (embeddings, lm_head, norms, patch embed, merger) only around `forward`; any other entry point must
+    be registered (env.md section 5: generate fails with "mixed torch.Tensor and DTensor" otherwise). Registering
+    twice would gather twice, so remember it."""
     registered = model.__dict__.setdefault("_grpo_fsdp_methods", set())
     if name not in registered:
         register_fsdp_forward_method(model, name)
@@ -126,65 +127,272 @@ def fsdp_method(model, name):
     return getattr(model, name)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Log-probs of response tokens: the model's hidden states, then the fused lm_head -> log-softmax kernel
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2: all-gather every layer once, keep it through any number of forwards, reshard at the end.
 
-def _response_logprobs(model, full_batch, prompt_len, temperature, return_entropy):
-    hidden = model.model(**_model_inputs(full_batch), use_cache=False).last_hidden_state   # [B, P+R, D]
-    hidden = hidden[:, prompt_len - 1:-1]                  # [B, R, D] the state that predicts each response token
-    targets = full_batch["input_ids"][:, prompt_len:]      # [B, R]
-    mask = full_batch["attention_mask"][:, prompt_len:].bool()                               # [B, R]
-    weight = model.get_output_embeddings().weight                                            # [V, D]
-    logp_rows, entropy_rows = fused_logprobs(hidden[mask], weight, targets[mask], temperature=temperature,
-                                             return_entropy=True, impl=LOGPROBS_IMPL)        # [N], [N]
-    logp = torch.zeros(mask.shape, dtype=logp_rows.dtype, device=mask.device).masked_scatter(mask, logp_rows)  # [B, R]
-    if not return_entropy:
-        return logp
-    entropy = torch.zeros_like(logp).masked_scatter(mask, entropy_rows)                      # [B, R]
-    return logp, entropy
-
-
-def response_logprobs(model, full_batch, prompt_len, temperature=1.0, return_entropy=False):
-    """log pi(token) [B, R] at response positions (0 at padding), from model.model's hidden states and
-    kernels.fused_logprobs on response rows only: no [tokens x vocab] logits. Temperature divides the logits."""
-    if isinstance(model, FSDPModule):
-        if "_grpo_response_logprobs" not in model.__dict__:
-            model._grpo_response_logprobs = types.MethodType(_response_logprobs, model)
-        return fsdp_method(model, "_grpo_response_logprobs")(full_batch, prompt_len, temperature, return_entropy)
-    return _response_logprobs(model, full_batch, prompt_len, temperature, return_entropy)
+    Generating with per-layer resharding all-gathers every layer for every new token: 4.8 GB per token per rank
+    for Qwen2.5-VL-3B in bf16 (11.5 GB for 7B), ~70 ms a token for 7B on 8 GPUs, ~150 s of a step's 2,048 tokens.
+    Gathered once, the full bf16 weights stay resident meanwhile (7.5 GB for 3B, 16.6 GB for 7B, 8.9 GB for
+    Qwen3-VL-4B) and decoding makes no collective call at all, so ranks need no `synced_gpus` lockstep and may run
+    different numbers of generate calls and tokens. No-grad forwards only: a backward would reduce-scatter per
+    micro-batch anyway. Not sharded, or gathered already (the contexts nest): nothing to do."""
+    if not isinstance(model, FSDPModule) or model.__dict__.get("_grpo_gathered"):
+        yield model
+        return
+    model._grpo_gathered = True
+    modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    model.set_reshard_after_forward(False)
+    handles = [module.unshard(async_op=True) for module in modules]
+    for handle in handles:
+        if handle is not None:
+            handle.wait()
+    try:
+        yield model
+    finally:
+        model._grpo_gathered = False
+        for module in modules:
+            module.reshard()
+        # back to FSDP's defaults: layers reshard after forward; the root does not (its parameters, embeddings and
+        # lm_head, are needed again at once by the backward)
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Rollouts
 
-@torch.no_grad()
-def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id):
-    """n sampled responses per prompt -> completion_ids [B*n, R] right-padded with pad_token_id, completion_mask
-    [B*n, R] (1 up to and including the first EOS), truncated [B*n] (no EOS within max_new_tokens).
-    temperature 0 decodes greedily. Every sampling knob is passed explicitly: unset ones would come from the
-    checkpoint's generation_config (Qwen's: top_k 1, repetition_penalty 1.05) or transformers' top_k 50."""
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    prompts = _model_inputs(repeat_prompts(batch, n))                                         # [B*n, P]
+@dataclasses.dataclass
+class Rollouts:
+    """A rank's rollouts: the prompt batch of ssrl.encode_prompts ([B, P] left-padded, with its images) and n
+    responses per prompt (response i * n + j answers prompt i), right-padded, with their mask."""
+    prompts: dict
+    completion_ids: torch.Tensor       # [B*n, R]
+    completion_mask: torch.Tensor      # [B*n, R]
+    n: int
+
+
+def _sampling_kwargs(model, max_new_tokens, temperature, top_p, eos_ids, pad_token_id):
+    """Every sampling knob passed explicitly: unset ones would come from the checkpoint's generation_config (Qwen's:
+    top_k 1, repetition_penalty 1.05) or transformers' top_k 50. temperature 0 decodes greedily."""
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0)
                 if temperature > 0 else dict(do_sample=False))
     # a sampled <|image_pad|> would be taken for an image slot by every later forward ("Image features and image
     # tokens do not match"); an untrained policy does sample it, so the vision tokens are never generated
     vision_ids = [getattr(model.config, name, None) for name in
                   ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")]
-    sharded = isinstance(model, FSDPModule)
-    generate = fsdp_method(model, "generate") if sharded else model.generate
-    output = generate(**prompts, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
-                      num_return_sequences=1, min_new_tokens=0,
-                      suppress_tokens=[token for token in vision_ids if token is not None],
-                      max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_token_id, use_cache=True,
-                      # sharded layers all-gather in every forward, so ranks must run the same number of steps
-                      synced_gpus=sharded and dist.is_initialized() and dist.get_world_size() > 1)
-    completion_ids = output[:, prompts["input_ids"].shape[1]:]                               # [B*n, R]
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [B*n, R]
-    after_eos = (torch.cumsum(is_eos, 1) - is_eos.long()) > 0                                 # [B*n, R]
-    completion_mask = (~after_eos).long()                                                     # [B*n, R]
-    truncated = ~is_eos.any(1)                                                                # [B*n]
-    return completion_ids.masked_fill(after_eos, pad_token_id), completion_mask, truncated
+    return dict(**sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, num_return_sequences=1,
+                min_new_tokens=0, suppress_tokens=[token for token in vision_ids if token is not None],
+                max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_token_id, use_cache=True,
+                synced_gpus=False)   # gathered once (`gathered`): decoding makes no collective call
+
+
+def _sample(model, prompts, n, shared, kwargs):
+    """n responses [b*n, r] to each prompt of a (left-padded) micro-batch, the model gathered: `generate` is not
+    registered as an FSDP forward method (its nested forwards would leave the root resharded after the call)."""
+    prompt_len = prompts["input_ids"].shape[1]
+    if not shared or n == 1:
+        repeated = select_samples(prompts, torch.arange(prompts["input_ids"].shape[0]).repeat_interleave(n))
+        return model.generate(**_model_inputs(repeated), **kwargs)[:, prompt_len:]
+    # the prompt once (its images through the vision tower, its prefill), then its KV cache copied n times. The
+    # prefill stops one token short: generate then feeds the last prompt token itself and samples from its logits.
+    # Only the last position's logits are made (logits_to_keep): [b, P, 151,936] in bf16 would be 2.4 GB per 8k tokens.
+    head = {key: prompts[key][:, :-1] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    images = {key: prompts[key] for key in ("pixel_values", "image_grid_thw") if key in prompts}
+    core = model.model
+    core.rope_deltas = None     # the prefill sets it (M-RoPE offset of the text after the images); none without images
+    cache = model(**head, **images, use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(n)
+    deltas = core.rope_deltas if core.rope_deltas is not None else torch.zeros(len(head["input_ids"]), 1, dtype=torch.long)
+    core.rope_deltas = deltas.to(head["input_ids"].device).repeat_interleave(n, 0)
+    repeated = {key: prompts[key].repeat_interleave(n, 0) for key in head}
+    return model.generate(**repeated, cache=cache, **kwargs)[:, prompt_len:]
+
+
+@torch.no_grad()
+def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id,
+                         micro_batch_size=None, shared_prompt=True):
+    """n responses per prompt -> completion_ids [B*n, R] right-padded with pad_token_id, completion_mask [B*n, R]
+    (1 up to and including the first EOS), truncated [B*n] (no EOS within max_new_tokens).
+
+    Prompts go `micro_batch_size` at a time (with their n responses), longest first, so that each call pads to
+    similar lengths: the KV cache and the prefill's activations are bounded by the micro-batch, not the batch.
+    A sharded model is gathered once for the whole call (or by the caller's `gathered`)."""
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    kwargs = _sampling_kwargs(model, max_new_tokens, temperature, top_p, eos_ids, pad_token_id)
+    lengths = batch["attention_mask"].sum(1).cpu()                                            # [B]
+    order = torch.argsort(lengths, descending=True, stable=True)                              # [B]
+    pieces = []
+    for chunk in order.split(micro_batch_size or len(order)):
+        with gathered(model):
+            ids = _sample(model, _trim_left_padding(select_samples(batch, chunk)), n, shared_prompt, kwargs)  # [b*n, r]
+        # mask per call, before padding to a common width: the pad id may be an EOS id too (Qwen's <|endoftext|>)
+        is_eos = torch.isin(ids, torch.tensor(eos_ids, device=ids.device))                    # [b*n, r]
+        after_eos = (torch.cumsum(is_eos, 1) - is_eos.long()) > 0                             # [b*n, r]
+        rows = (chunk[:, None] * n + torch.arange(n)).reshape(-1)                             # [b*n]
+        pieces.append((rows, ids.masked_fill(after_eos, pad_token_id), (~after_eos).long(), ~is_eos.any(1)))
+    width = max(ids.shape[1] for _, ids, _, _ in pieces)
+    device = batch["input_ids"].device
+    completion_ids = torch.full((len(order) * n, width), pad_token_id, dtype=torch.long, device=device)
+    completion_mask = torch.zeros_like(completion_ids)
+    truncated = torch.zeros(len(order) * n, dtype=torch.bool, device=device)
+    for rows, ids, mask, cut in pieces:
+        rows = rows.to(device)
+        completion_ids[rows, :ids.shape[1]] = ids
+        completion_mask[rows, :ids.shape[1]] = mask
+        truncated[rows] = cut
+    return completion_ids, completion_mask, truncated
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packed rows: what a log-prob pass feeds the model, and where each response token's log-prob comes from
+
+def pass_rows(rollouts, shared, prompts=None):
+    """The rows of a pass over `prompts` (a range of prompt indices; all by default), as (prompt, [sequences])
+    pairs, and each row's length in tokens: one row per group [prompt, r_1..r_n] when shared, else one row per
+    response [prompt, r_j]."""
+    prompts = range(rollouts.prompts["input_ids"].shape[0]) if prompts is None else prompts
+    n = rollouts.n
+    rows = ([(p, list(range(p * n, (p + 1) * n))) for p in prompts] if shared else
+            [(p, [p * n + j]) for p in prompts for j in range(n)])
+    prompt_len = rollouts.prompts["attention_mask"].sum(1).tolist()
+    response_len = rollouts.completion_mask.sum(1).tolist()
+    return rows, [prompt_len[p] + sum(response_len[s] for s in sequences) for p, sequences in rows]
+
+
+def micro_batches(lengths, max_tokens):
+    """Row indices in micro-batches of at most `max_tokens` padded tokens (rows x longest row), longest rows first
+    so that each micro-batch pads to similar lengths; a row longer than the budget goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def pack(model, rollouts, rows):
+    """Model inputs for `rows` and where each response token's log-prob is read.
+
+    A row is a prompt (its padding removed) followed by one or more of its responses, right-padded (with token 0,
+    never attended) to the longest row. One response per row is the stock path: a 2-D padding mask, and the model computes its M-RoPE positions.
+    Several (shared prompt): the mask is 4-D, True where query q may see key k:
+        k <= q  and  (k in the prompt  or  k in q's own response)
+    (padding queries see the prompt and earlier padding: a fully masked query row would give NaN in SDPA), and the
+    positions are explicit: the prompt's own 3-D M-RoPE positions, then each response from the prompt's next
+    position, as if it followed the prompt alone. 3-D positions also keep transformers from reading the row as
+    packed sequences (it would cut it where positions stop increasing). Response token t of a row's response is
+    predicted by the hidden state before it: the prompt's last token for t = 0, its own token t - 1 after.
+
+    Returns (inputs, where): where = (row [N], column [N]) of each predicting hidden state, targets [N] and the
+    token's (sequence [N], position in its response [N]) in the rollouts' [B*n, R] layout."""
+    batch, n_rows = rollouts.prompts, len(rows)
+    device = batch["input_ids"].device
+    prompt_mask = batch["attention_mask"].bool().cpu()                                       # [B, P]
+    prompt_ids, prompt_types = batch["input_ids"].cpu(), batch["mm_token_type_ids"].cpu()    # [B, P]
+    completion_ids = rollouts.completion_ids.cpu()                                           # [S, R]
+    response_len = rollouts.completion_mask.sum(1).tolist()
+    prompt_len = prompt_mask.sum(1).tolist()
+    width = max(prompt_len[p] + sum(response_len[s] for s in sequences) for p, sequences in rows)
+    input_ids = torch.zeros((n_rows, width), dtype=torch.long)                               # [rows, L]
+    token_types = torch.zeros((n_rows, width), dtype=prompt_types.dtype)                     # [rows, L]
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)  # 0 prompt, j response j, -1 padding
+    shared = any(len(sequences) > 1 for _, sequences in rows)
+    index = torch.tensor([p for p, _ in rows])
+    images = select_samples(batch, index)           # the rows' prompts, their images once per row, in row order
+    if shared:   # the prompts' own M-RoPE positions [3, rows, P] (left-padded like the prompt batch)
+        prompt_positions, _ = model.model.get_rope_index(
+            images["input_ids"], images["mm_token_type_ids"], image_grid_thw=images.get("image_grid_thw"),
+            attention_mask=images["attention_mask"])
+        prompt_positions = prompt_positions.cpu()
+        positions = torch.zeros((3, n_rows, width), dtype=torch.long)                        # [3, rows, L]
+    where_row, where_col, targets, sequence_of, token_of = [], [], [], [], []
+    for r, (p, sequences) in enumerate(rows):
+        length = prompt_len[p]
+        input_ids[r, :length] = prompt_ids[p][prompt_mask[p]]
+        token_types[r, :length] = prompt_types[p][prompt_mask[p]]
+        segment[r, :length] = 0
+        if shared:
+            own = prompt_positions[:, r][:, prompt_mask[p]]                                  # [3, Lp]
+            positions[:, r, :length] = own
+            next_position = int(own.max()) + 1
+        start = length
+        for j, s in enumerate(sequences, 1):
+            tokens = response_len[s]
+            if not tokens:
+                continue
+            input_ids[r, start:start + tokens] = completion_ids[s, :tokens]
+            segment[r, start:start + tokens] = j
+            if shared:
+                positions[:, r, start:start + tokens] = next_position + torch.arange(tokens)
+            where_col.append(torch.cat([torch.tensor([length - 1]), torch.arange(start, start + tokens - 1)]))
+            where_row.append(torch.full((tokens,), r))
+            targets.append(completion_ids[s, :tokens])
+            sequence_of.append(torch.full((tokens,), s))
+            token_of.append(torch.arange(tokens))
+            start += tokens
+    inputs = {"input_ids": input_ids.to(device), "mm_token_type_ids": token_types.to(device)}
+    inputs.update({key: images[key] for key in ("pixel_values", "image_grid_thw") if key in images})
+    if shared:
+        query, key = segment[:, :, None], segment[:, None, :]                                # [rows, L, 1], [rows, 1, L]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()                           # [L, L]
+        inputs["attention_mask"] = (causal & ((key == 0) | (key == query)))[:, None].to(device)   # [rows, 1, L, L]
+        inputs["position_ids"] = positions.to(device)                                        # [3, rows, L]
+    else:
+        inputs["attention_mask"] = (segment >= 0).long().to(device)                          # [rows, L]
+    cat = lambda parts: torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)  # noqa: E731
+    where = {"row": cat(where_row), "column": cat(where_col), "target": cat(targets), "sequence": cat(sequence_of),
+             "token": cat(token_of)}
+    return inputs, where
+
+
+def _packed_logprobs(model, inputs, where, temperature, return_entropy):
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state                        # [rows, L, D]
+    weight = model.get_output_embeddings().weight                                            # [V, D]
+    hidden = hidden[where["row"], where["column"]].to(weight.dtype)                          # [N, D]
+    return fused_logprobs(hidden, weight, where["target"], temperature=temperature, return_entropy=return_entropy,
+                          impl=LOGPROBS_IMPL)
+
+
+def packed_logprobs(model, inputs, where, temperature=1.0, return_entropy=False):
+    """log pi(token) [N] (fp32) of the response tokens located by `pack`, and their entropy [N] if asked: the
+    model's hidden states, then kernels.fused_logprobs on response rows only (no [tokens x vocab] logits).
+    Temperature divides the logits. Under FSDP2 the root's parameters (lm_head) are gathered around the call."""
+    if isinstance(model, FSDPModule):
+        if "_grpo_packed_logprobs" not in model.__dict__:
+            model._grpo_packed_logprobs = types.MethodType(_packed_logprobs, model)
+        return fsdp_method(model, "_grpo_packed_logprobs")(inputs, where, temperature, return_entropy)
+    return _packed_logprobs(model, inputs, where, temperature, return_entropy)
+
+
+def response_logprobs(model, prompts, completion_ids, completion_mask, temperature=1.0, return_entropy=False):
+    """log pi(token) [B, R] (0 at padding) of one given response per prompt, and the entropy [B, R] if asked: one
+    pass of the stock path (the SFT loss, tests). Under FSDP2 call it the same way on every rank."""
+    rollouts = Rollouts(prompts, completion_ids, completion_mask, 1)
+    inputs, where = pack(model, rollouts, pass_rows(rollouts, shared=False)[0])
+    values = packed_logprobs(model, inputs, where, temperature, return_entropy)
+    logp, entropy = values if return_entropy else (values, None)
+    dense = []
+    for value in (logp, entropy):
+        if value is not None:
+            out = torch.zeros(completion_mask.shape, dtype=value.dtype, device=value.device)        # [B, R]
+            dense.append(out.index_put((where["sequence"], where["token"]), value))
+    return tuple(dense) if return_entropy else dense[0]
+
+
+@torch.no_grad()
+def rollout_logprobs(model, rollouts, shared, max_tokens, temperature=1.0):
+    """log-probs [B*n, R] (fp32, 0 at padding) of every response token under `model`, without gradient, in
+    micro-batches of at most `max_tokens` padded tokens; the model gathered once if sharded."""
+    logp = torch.zeros(rollouts.completion_mask.shape, dtype=torch.float32, device=rollouts.completion_mask.device)
+    rows, lengths = pass_rows(rollouts, shared)
+    with gathered(model):
+        for micro in micro_batches(lengths, max_tokens):
+            inputs, where = pack(model, rollouts, [rows[i] for i in micro])
+            logp[where["sequence"], where["token"]] = packed_logprobs(model, inputs, where, temperature).float()
+    return logp
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,22 +414,23 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, total_tokens, clip_l
     """The per-token loss of spec section 5, summed over `mask` and divided by `total_tokens`: pass the token count
     of the whole mini-batch (divided by the world size when ranks average gradients), and micro-batches and ranks
     add up to the global token mean. This is not a mean per sequence then per batch (tiny-grpo, simple_GRPO).
+    Per-token tensors of one shape; `advantages` broadcasts against them (a sequence's A on each of its tokens).
     Metrics use the same normalisation, so they add up over micro-batches the same way."""
-    mask = mask.to(logp.dtype)                                                                # [b, R]
-    advantages = advantages[:, None].to(logp.dtype)                                           # [b, 1]
-    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)                                     # [b, R]
-    ratio = torch.exp(log_ratio)                                                              # [b, R]
-    clipped_ratio = torch.exp(torch.clamp(log_ratio, math.log(1 - clip_low), math.log(1 + clip_high)))  # [b, R]
-    loss_unclipped = -advantages * ratio                                                      # [b, R]
-    loss_clipped = -advantages * clipped_ratio                                                # [b, R]
-    loss_dual = -advantages * dual_clip                                                       # [b, 1]
-    pessimistic = torch.maximum(loss_unclipped, loss_clipped)                                 # [b, R]
-    pg_loss = torch.where(advantages < 0, torch.minimum(pessimistic, loss_dual), pessimistic)  # [b, R]
+    mask = mask.to(logp.dtype)                                                                # [T]
+    advantages = advantages.to(logp.dtype)                                                    # [T]
+    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)                                     # [T]
+    ratio = torch.exp(log_ratio)                                                              # [T]
+    clipped_ratio = torch.exp(torch.clamp(log_ratio, math.log(1 - clip_low), math.log(1 + clip_high)))  # [T]
+    loss_unclipped = -advantages * ratio                                                      # [T]
+    loss_clipped = -advantages * clipped_ratio                                                # [T]
+    loss_dual = -advantages * dual_clip                                                       # [T]
+    pessimistic = torch.maximum(loss_unclipped, loss_clipped)                                 # [T]
+    pg_loss = torch.where(advantages < 0, torch.minimum(pessimistic, loss_dual), pessimistic)  # [T]
     # k3 estimator of KL(pi || pi_ref): r - 1 - log r with r = pi_ref / pi, unbiased and always >= 0
     # (J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html); clamps as verl low_var_kl
-    log_ref_ratio = torch.clamp(ref_logp - logp, -20.0, 20.0)                                 # [b, R]
-    kl = torch.clamp(torch.exp(log_ref_ratio) - log_ref_ratio - 1, -10.0, 10.0)               # [b, R]
-    per_token = pg_loss + kl_coef * kl                                                        # [b, R]
+    log_ref_ratio = torch.clamp(ref_logp - logp, -20.0, 20.0)                                 # [T]
+    kl = torch.clamp(torch.exp(log_ref_ratio) - log_ref_ratio - 1, -10.0, 10.0)               # [T]
+    per_token = pg_loss + kl_coef * kl                                                        # [T]
     loss = (per_token * mask).sum() / total_tokens
 
     def token_mean(value):
@@ -243,9 +452,9 @@ def _world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _all_reduce(tensor):
+def _all_reduce(tensor, op=dist.ReduceOp.SUM):
     if dist.is_initialized():
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op=op)
     return tensor
 
 
@@ -255,60 +464,43 @@ def _clock(device):
     return time.perf_counter()
 
 
-def _micro_batch(full, index, prompt_len):
-    """Sequences `index` of the full batch with the columns that are padding in all of them cut off (left of the
-    prompts, right of the responses); returns inputs, their prompt length and their response length."""
-    micro = select_samples(full, index)
-    mask = micro["attention_mask"]                                                           # [b, P+R]
-    left = int(mask[:, :prompt_len].any(0).long().argmax())
-    length = int(mask[:, prompt_len:].any(0).nonzero().max()) + 1 if mask[:, prompt_len:].any() else 1
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        micro[key] = micro[key][:, left:prompt_len + length]
-    return micro, prompt_len - left, length
-
-
-@torch.no_grad()
-def _logprobs(model, full, prompt_len, temperature, micro_batch_size):
-    """log-probs [S, R] of every response token, micro-batch by micro-batch, without gradient."""
-    mask = full["attention_mask"][:, prompt_len:]                                            # [S, R]
-    logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)                  # [S, R]
-    for start in range(0, mask.shape[0], micro_batch_size):
-        index = torch.arange(start, min(start + micro_batch_size, mask.shape[0]), device=mask.device)
-        inputs, micro_prompt_len, length = _micro_batch(full, index, prompt_len)
-        logp[index, :length] = response_logprobs(model, inputs, micro_prompt_len, temperature).float()
-    return logp
-
-
-def update_policy(policy, optimizer, full, prompt_len, old_logp, ref_logp, advantages, cfg):
-    """`cfg.updates_per_step` optimizer updates on the rollouts, each on a contiguous mini-batch of sequences.
+def update_policy(policy, optimizer, rollouts, old_logp, ref_logp, advantages, cfg):
+    """`cfg.updates_per_step` optimizer updates on the rollouts, each on a contiguous mini-batch of prompts (whole
+    groups), split into micro-batches of at most cfg.max_tokens_per_micro_batch padded tokens.
     old_logp (or ref_logp) None means "the policy's own log-probs, detached": exact for a single on-policy update.
-    A non-finite loss or gradient norm (on any rank) skips that update; returns summed metrics and counts."""
+    A non-finite loss or gradient norm (on any rank) skips that update; returns averaged metrics and counts."""
     world = _world_size()
-    mask = full["attention_mask"][:, prompt_len:]                                            # [S, R]
-    sequences = mask.shape[0]
-    mini_size = math.ceil(sequences / cfg.updates_per_step)
+    device = rollouts.completion_mask.device
+    prompts = rollouts.prompts["input_ids"].shape[0]
+    mini_size = math.ceil(prompts / cfg.updates_per_step)
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     sums, updates, skipped, grad_norms = defaultdict(float), 0, 0, []
-    for mini_start in range(0, sequences, mini_size):
-        mini_end = min(mini_start + mini_size, sequences)
-        global_tokens = _all_reduce(mask[mini_start:mini_end].sum().float())
-        total_tokens = global_tokens / world      # ranks average gradients: each divides by its share
-        mini = defaultdict(lambda: torch.zeros((), device=mask.device))
-        for start in range(mini_start, mini_end, cfg.micro_batch_size):
-            index = torch.arange(start, min(start + cfg.micro_batch_size, mini_end), device=mask.device)
-            inputs, micro_prompt_len, length = _micro_batch(full, index, prompt_len)
-            logp, entropy = response_logprobs(policy, inputs, micro_prompt_len, temperature, return_entropy=True)
-            micro_mask = mask[index, :length]                                                # [b, R']
-            old = logp.detach() if old_logp is None else old_logp[index, :length]             # [b, R']
-            ref = logp.detach() if ref_logp is None else ref_logp[index, :length]             # [b, R']
-            loss, metrics = policy_loss(logp, old, ref, advantages[index],
-                                        micro_mask, total_tokens, cfg.clip_low, cfg.clip_high, cfg.dual_clip,
-                                        cfg.kl_coef)
-            loss.backward()
-            mini["loss"] += loss.detach()
-            mini["entropy"] += (entropy.detach() * micro_mask).sum() / total_tokens
+    for mini_start in range(0, prompts, mini_size):
+        mini_prompts = range(mini_start, min(mini_start + mini_size, prompts))
+        rows, lengths = pass_rows(rollouts, cfg.shared_prompt, mini_prompts)
+        micro = micro_batches(lengths, cfg.max_tokens_per_micro_batch)
+        sequences = slice(mini_start * rollouts.n, mini_prompts.stop * rollouts.n)
+        global_tokens = _all_reduce(rollouts.completion_mask[sequences].sum().double())
+        # every rank runs as many micro-batches as the rank that needs most (FSDP gathers per layer in each):
+        # extra ones repeat the last with weight 0
+        passes = int(_all_reduce(torch.tensor(len(micro), device=device), dist.ReduceOp.MAX))
+        weights = [1.0] * len(micro) + [0.0] * (passes - len(micro))
+        micro = micro + [micro[-1]] * (passes - len(micro))
+        total_tokens = float(global_tokens) / world      # ranks average gradients: each divides by its share
+        mini = defaultdict(lambda: torch.zeros((), device=device))
+        for part, weight in zip(micro, weights):
+            inputs, where = pack(policy, rollouts, [rows[i] for i in part])
+            logp, entropy = packed_logprobs(policy, inputs, where, temperature, return_entropy=True)   # [N]
+            at = (where["sequence"], where["token"])
+            old = logp.detach() if old_logp is None else old_logp[at]                        # [N]
+            ref = logp.detach() if ref_logp is None else ref_logp[at]                        # [N]
+            loss, metrics = policy_loss(logp, old, ref, advantages[where["sequence"]], torch.ones_like(logp),
+                                        total_tokens, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.kl_coef)
+            (loss * weight).backward()
+            mini["loss"] += loss.detach() * weight
+            mini["entropy"] += entropy.detach().sum() / total_tokens * weight
             for key, value in metrics.items():
-                mini[key] += value
+                mini[key] += value * weight
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad],
                                                    cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
@@ -349,7 +541,7 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
     """One GRPO step on this rank's prompts (a batch from ssrl.encode_prompts; answers and task names per prompt).
     Returns (metrics over all ranks, this rank's rollout records); writes nothing."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)                   # a processor works too
-    n, device, prompt_len = cfg.num_generations, batch["input_ids"].device, batch["input_ids"].shape[1]
+    n, device = cfg.num_generations, batch["input_ids"].device
     if dist.is_initialized():
         counts = torch.tensor([len(answers), -len(answers)], device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
@@ -360,32 +552,32 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
     generation_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
     eos_ids |= set([generation_eos] if isinstance(generation_eos, int) else generation_eos or [])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     was_training = policy.training
     policy.eval()
 
     start = _clock(device)
-    completion_ids, completion_mask, truncated = generate_completions(
-        policy, batch, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, sorted(eos_ids - {None}), pad_id)
-    generated = _clock(device)
-
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    scores = [task_reward(text, answers[i // n]) for i, text in enumerate(texts)]
-    rewards = torch.tensor([score["overall"] for score in scores], dtype=torch.float32, device=device)  # [B*n]
-    advantages = group_advantages(rewards, n)                                                # [B*n]
-    rewarded = _clock(device)
-
-    full = join_completions(batch, completion_ids, completion_mask, n)                       # [B*n, P+R]
-    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
-    # one update per step is on-policy: the old log-probs are the update's own, detached (TRL does the same with
-    # num_iterations 1), which saves a pass; with more updates the later ones need the rollout policy's
-    old_logp = (_logprobs(policy, full, prompt_len, temperature, cfg.logprob_micro_batch_size)          # [B*n, R]
-                if cfg.updates_per_step > 1 else None)
-    ref_logp = (_logprobs(reference, full, prompt_len, temperature, cfg.logprob_micro_batch_size)       # [B*n, R]
-                if cfg.kl_coef > 0 else None)
+    with gathered(policy):   # one all-gather for the rollouts and the old log-probs
+        completion_ids, completion_mask, truncated = generate_completions(
+            policy, batch, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, sorted(eos_ids - {None}), pad_id,
+            cfg.rollout_micro_batch_size, cfg.shared_prompt)
+        generated = _clock(device)
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        scores = [task_reward(text, answers[i // n]) for i, text in enumerate(texts)]
+        rewards = torch.tensor([score["overall"] for score in scores], dtype=torch.float32, device=device)  # [B*n]
+        advantages = group_advantages(rewards, n)                                            # [B*n]
+        rewarded = _clock(device)
+        rollouts = Rollouts(batch, completion_ids, completion_mask, n)
+        # one update per step is on-policy: the old log-probs are the update's own, detached (TRL does the same
+        # with num_iterations 1), which saves a pass; with more updates the later ones need the rollout policy's
+        old_logp = (rollout_logprobs(policy, rollouts, cfg.shared_prompt, cfg.max_tokens_per_micro_batch,
+                                     temperature) if cfg.updates_per_step > 1 else None)     # [B*n, R]
+    ref_logp = (rollout_logprobs(reference, rollouts, cfg.shared_prompt, cfg.max_tokens_per_micro_batch,
+                                 temperature) if cfg.kl_coef > 0 else None)                  # [B*n, R]
     scored = _clock(device)
 
     policy.train()
-    update_metrics = update_policy(policy, optimizer, full, prompt_len, old_logp, ref_logp, advantages, cfg)
+    update_metrics = update_policy(policy, optimizer, rollouts, old_logp, ref_logp, advantages, cfg)
     policy.train(was_training)
     updated = _clock(device)
 
@@ -409,7 +601,8 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
     local["empty"] = float(sum(text.strip() == "" for text in texts))
     local["max/length"] = float(lengths.max())
     local["max/neg_min_length"] = -float(lengths.min())
-    local["tokens"] = float(full["attention_mask"].sum())
+    # tokens a step covers, counted the same way on either path: each response with its own prompt
+    local["tokens"] = float(batch["attention_mask"].sum() * n + lengths.sum())
     total = _gather_sums(dict(local))
 
     task_names = sorted(key.split("/", 1)[1] for key in total if key.startswith("count/"))
@@ -429,6 +622,7 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
         "completions/num_truncated": total["truncated"],
         "completions/num_empty": total["empty"],
         **update_metrics,
+        "shared_prompt": float(cfg.shared_prompt),
         "tokens_per_second": total["tokens"] / step_time,
         "time/generate": generated - start,
         "time/reward": rewarded - generated,
@@ -443,9 +637,9 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
         metrics[f"format/{task}"] = total[f"sum/format/{task}"] / task_count
 
     prompt_texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-    rollouts = [{"index": i // n, "sample": i % n, "task": tasks[i // n], "prompt": prompt_texts[i // n],
-                 "completion": text, "answer": answers[i // n], "parsed": extract_boxed(text),
-                 "reward": score["overall"], "accuracy": score["accuracy"], "format": score["format"],
-                 "advantage": float(advantages[i]), "length": int(lengths[i]), "truncated": bool(truncated[i])}
-                for i, (text, score) in enumerate(zip(texts, scores))]
-    return metrics, rollouts
+    records = [{"index": i // n, "sample": i % n, "task": tasks[i // n], "prompt": prompt_texts[i // n],
+                "completion": text, "answer": answers[i // n], "parsed": extract_boxed(text),
+                "reward": score["overall"], "accuracy": score["accuracy"], "format": score["format"],
+                "advantage": float(advantages[i]), "length": int(lengths[i]), "truncated": bool(truncated[i])}
+               for i, (text, score) in enumerate(zip(texts, scores))]
+    return metrics, records

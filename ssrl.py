@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 from PIL import Image
+from torch.distributed.fsdp import FSDPModule
 from transformers.utils import logging as transformers_logging
 
 import grpo
@@ -61,7 +62,7 @@ TINY_DEFAULTS = dict(
     sft_learning_rate=3e-3, sft_num_train_epochs=1, sft_data_fraction=1.0, sft_global_batch_size=16,
     sft_micro_batch_size=16, sft_weight_decay=0.0, freeze_vision_tower=False, freeze_multi_modal_projector=False,
     sft_min_pixels=56 * 56, sft_max_pixels=128 * 128, min_pixels=56 * 56, max_pixels=128 * 128,
-    max_prompt_length=1024, max_response_length=128, eval_batch_size=64, save_steps=200,
+    max_prompt_length=1024, max_response_length=128, eval_batch_size=64, save_steps=200, gradient_checkpointing=False,
 )
 
 
@@ -69,8 +70,25 @@ TINY_DEFAULTS = dict(
 # 40 steps; notes/env.md section 7), 16 prompts x 5 responses per step, one update per step.
 TINY_GRPO_DEFAULTS = dict(
     max_steps=40, rollout_batch_size=16, global_batch_size=16, learning_rate=1e-4, weight_decay=0.0,
-    micro_batch_size=40, logprob_micro_batch_size=80, eval_steps=0, rollout_save_steps=20,
+    rollout_micro_batch_size=16, eval_steps=0, rollout_save_steps=20,
 )
+
+# Prompts per generate call per rank (--rollout-micro-batch-size), each with its n = 5 responses, so that the KV
+# cache stays within ~16 GB of an 80 GB GPU. Per prompt it holds n x (prompt + response) tokens; a 5-image crop prompt
+# is ~2,000 tokens at 512 px and responses run to 2,048, so 5 x 4,096 tokens times the KV bytes per token
+# (2 x layers x kv heads x head dim x 2 bytes in bf16):
+#   qwen2.5-vl-3b  36 x 2 x 128 x 4 =  36.9 KB/token -> 0.76 GB per prompt -> 16 prompts (12 GB)
+#   qwen2.5-vl-7b  28 x 4 x 128 x 4 =  57.3 KB/token -> 1.17 GB per prompt -> 12 prompts (14 GB)
+#   qwen3-vl-4b    36 x 8 x 128 x 4 = 147.5 KB/token -> 3.02 GB per prompt ->  4 prompts (12 GB)
+# What else holds the GPU meanwhile (grads are freed between steps): 7B on 8 GPUs, 12 B/param of fp32 master and
+# Adam state sharded (12.4 GB) + the gathered bf16 policy (16.6 GB) + the bf16 reference's shard (2.1 GB); 3B on one
+# GPU, 45 GB + 7.5 GB + 7.5 GB. One generate call over a rank's whole share (160 sequences for 7B on 8 GPUs) would
+# hold ~37 GB of KV cache, and 190 GB for 3B on one GPU.
+PRESET_DEFAULTS = {
+    "qwen2.5-vl-3b": dict(rollout_micro_batch_size=16),
+    "qwen2.5-vl-7b": dict(rollout_micro_batch_size=12),
+    "qwen3-vl-4b": dict(rollout_micro_batch_size=4),
+}
 
 
 class UserError(Exception):
@@ -83,6 +101,10 @@ def build_parser():
     add("--model", default="tiny-qwen2.5-vl", help=f"preset ({', '.join(PRESETS)}), a local model folder or a hub id")
     add("--init", choices=("pretrained", "random"), default="pretrained",
         help="random: build the preset's real architecture from its config with random weights (no download)")
+    add("--layers", type=int, default=None, metavar="K", help="with --init random: only K decoder layers and K vision "
+        "blocks at the preset's real widths (vocabulary, hidden size, heads, patch and merge sizes)")
+    add("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on "
+        "CPU); weights and optimizer state stay fp32, bf16 computes through FSDP2's mixed precision")
     add("--stage", choices=("all", "sft", "grpo", "eval"), default="all",
         help="all: eval base -> SFT -> GRPO -> eval; sft: eval -> SFT -> eval; grpo: GRPO on --model; eval: eval only")
     add("--eval", metavar="CHECKPOINT", help="shortcut for --stage eval --model CHECKPOINT")
@@ -122,7 +144,8 @@ def build_parser():
     add("--max-response-length", type=int, default=2048, help="max new tokens when generating")
     add("--eval-batch-size", type=int, default=16, help="prompts per generate call per rank")
     add("--eval-limit", type=int, default=None, help="evaluate at most this many held-out samples per task")
-    add("--gradient-checkpointing", action="store_true", help="recompute activations in backward (real sizes)")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="recompute each layer's activations in backward: one 4k-token crop sequence on 7B holds ~42 GB without")
     # GRPO: EasyR1's recipe as the Spatial-SSRL scripts set it (spec 3.2 and 5); EasyR1 names, TRL's where EasyR1 has none
     add("--max-steps", type=int, default=360, help="GRPO steps (the paper reports 360)")
     add("--rollout-batch-size", type=int, default=256, help="prompts per GRPO step over all ranks (data.rollout_batch_size)")
@@ -138,8 +161,12 @@ def build_parser():
     add("--clip-ratio-high", type=float, default=0.3, help="ratio clipped above at 1 + this")
     add("--clip-ratio-dual", type=float, default=3.0, help="dual clip: loss bound -c*A for negative advantages")
     add("--kl-coef", type=float, default=1e-2, help="weight of the k3 KL to the reference in the loss (0: no reference)")
-    add("--micro-batch-size", type=int, default=1, help="sequences per forward/backward in the update, per rank")
-    add("--logprob-micro-batch-size", type=int, default=2, help="sequences per no-grad log-prob pass, per rank")
+    add("--rollout-micro-batch-size", type=int, default=4, help="prompts (each with its n responses) per generate "
+        "call per rank; the paper presets set their own (PRESET_DEFAULTS: what fits an 80 GB GPU)")
+    add("--max-tokens-per-micro-batch", type=int, default=16384, help="padded tokens per forward in the log-prob and "
+        "update passes, per rank (EasyR1 max_token_len_per_gpu): rows sorted by length, as many as fit")
+    add("--shared-prompt", action=argparse.BooleanOptionalAction, default=True, help="run each prompt once per group "
+        "in every pass (generation prefill, log-probs, update): exact, and n times less work on the prompt")
     add("--ref-offload", action="store_true", help="keep the sharded reference model's parameters on the CPU")
     add("--eval-steps", type=int, default=0, help="evaluate on the held-out split every N GRPO steps (0: at the end)")
     add("--rollout-save-steps", type=int, default=10, help="write OUT/rollouts/step-N.jsonl every N GRPO steps")
@@ -148,6 +175,8 @@ def build_parser():
     add("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
         help="continue from CHECKPOINT, or from the newest complete one under --out when given alone")
     add("--logging-steps", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
+    add("--ddp-timeout", type=int, default=3600, help="seconds a collective may wait (checkpoints of 7B gather ~100 GB "
+        "of weights and Adam state to rank 0 while the others wait; torch's default is 600)")
     return p
 
 
@@ -158,8 +187,8 @@ def parse_args(argv=None):
     if args.eval:
         args.stage, args.model = "eval", args.eval
     tiny = is_tiny(args.model)
-    if tiny:
-        parser.set_defaults(**TINY_DEFAULTS, **TINY_GRPO_DEFAULTS)
+    if tiny or args.model in PRESET_DEFAULTS:
+        parser.set_defaults(**(dict(**TINY_DEFAULTS, **TINY_GRPO_DEFAULTS) if tiny else PRESET_DEFAULTS[args.model]))
         eval_model, args = args.model, parser.parse_args(argv)
         if args.eval:
             args.stage, args.model = "eval", eval_model
@@ -169,9 +198,11 @@ def parse_args(argv=None):
         raise UserError(f"unknown --model {args.model!r}: choose one of {', '.join(PRESETS)}, a model folder or a "
                         "hub id")
     for name in ("sft_global_batch_size", "sft_micro_batch_size", "eval_batch_size", "max_response_length",
-                 "rollout_batch_size", "global_batch_size", "micro_batch_size", "logprob_micro_batch_size"):
+                 "rollout_batch_size", "global_batch_size", "rollout_micro_batch_size", "max_tokens_per_micro_batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.layers is not None and (args.layers < 1 or args.init != "random"):
+        raise UserError("--layers K needs --init random and K >= 1")
     if args.num_generations < 2:
         raise UserError("--num-generations must be at least 2: GRPO's baseline is the group mean")
     if args.rollout_batch_size % args.global_batch_size:
@@ -196,14 +227,28 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    dtype: torch.dtype = torch.float32      # compute dtype; parameters and optimizer state are always fp32
+
+    @property
+    def sharded(self):
+        """FSDP2 holds the policy: to shard it over ranks, and to compute in bf16 from fp32 master weights."""
+        return self.world > 1 or self.dtype != torch.float32
 
 
-def compute_init():
-    """Read torchrun's variables; start the process group only when launched so (NCCL on CUDA, gloo on CPU).
+def compute_init(dtype="auto", timeout=3600):
+    """Read torchrun's variables; start the process group when launched so (NCCL on CUDA, gloo on CPU), or a
+    one-process group when the compute dtype is not fp32.
+
+    Precision: master weights and AdamW state are fp32 on every path. bf16 computes through FSDP2's
+    MixedPrecisionPolicy (bf16 copies for each forward and backward, fp32 gradients), also for one process. An
+    optimizer stepping bf16 weights silently learns nothing at the recipe's rates: 10 AdamW steps at lr 1e-6
+    change 1.9% of bf16 weights (mean |dw| 5.5e-8, below bf16's rounding step) against 99.99% of fp32 weights
+    (measured, torch 2.13; shared/notes/scale.md).
 
     Threads: OMP_NUM_THREADS when set, else the cores this process may use shared among the local ranks (1 per
     rank on 2 cores). Oversubscribed threads made steps 10-30x slower on the 2-core box (notes/env.md section 7).
     """
+    import datetime
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -212,11 +257,17 @@ def compute_init():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dist = Dist(rank, world, local_rank, device, compute)
+    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(seconds=timeout)
     if launched and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch_dist.init_process_group(backend, timeout=timeout)
+    elif dist.sharded and not torch_dist.is_initialized():   # FSDP2 needs a process group, even of one
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, cores // local_world)))
-    return Dist(rank, world, local_rank, device)
+    return dist
 
 
 def print0(*values, dist=None, **kwargs):
@@ -232,15 +283,15 @@ def all_reduce_sum(values, dist):
     return tensor.tolist()
 
 
-def shard(model, mixed_precision=True, offload=False):
-    """FSDP2: each vision block and decoder layer, then the root; `generate` registered as a forward method.
+def shard(model, compute_dtype, offload=False):
+    """FSDP2: each vision block and decoder layer, then the root.
 
-    The model code is untouched. Without the registration, generate calls the vision tower outside the root
-    forward and fails with "mixed torch.Tensor and DTensor" (notes/env.md section 5).
+    Parameters keep their dtype in the shards (fp32 master weights for the policy, bf16 for the frozen reference)
+    and are all-gathered in `compute_dtype`; gradients are reduced in fp32. The model code is untouched; grpo
+    gathers it whole for generation (grpo.gathered) and per layer for the training passes.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-    kwargs = {"mp_policy": policy} if policy else {}
+    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
     if offload:   # parameters live on the CPU and are copied in per layer (used for the frozen reference)
         from torch.distributed.fsdp import CPUOffloadPolicy
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -249,7 +300,11 @@ def shard(model, mixed_precision=True, offload=False):
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
-    grpo.fsdp_method(model, "generate")   # register_fsdp_forward_method, once (grpo keeps the registry)
+    # FSDP2 fixes each layer's gradient dtype at its lazy init, from the parameters that require grad then: run it
+    # now, while every parameter does. Left to the first forward, a resumed run reaches it after the SFT freeze,
+    # the frozen vision blocks record none, and GRPO's unfrozen ViT gradients then arrive in bf16 for fp32
+    # parameters ("attempting to assign a gradient with dtype BFloat16").
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
@@ -371,8 +426,13 @@ def tiny_config(family, tokenizer):
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
 
 
-def real_config(name, tokenizer):
-    """The paper models' architectures, written out (their config.json values), for `--init random`."""
+def real_config(name, tokenizer, layers=None):
+    """The paper models' architectures, written out (their config.json values), for `--init random`; `layers` keeps
+    only that many decoder layers and vision blocks at the real widths (the full-attention and deepstack blocks
+    that still exist, else the last one), so the real shapes run on a laptop."""
+    def keep(indexes):
+        return indexes if not layers else [i for i in indexes if i < layers] or [layers - 1]
+
     from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -383,9 +443,10 @@ def real_config(name, tokenizer):
                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
                     rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
                                                         "mrope_section": [24, 20, 20], "mrope_interleaved": True})
-        vision = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+        vision = dict(depth=layers or 24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                      deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh")
+                      deepstack_visual_indexes=keep([5, 11, 17]), hidden_act="gelu_pytorch_tanh")
+        text["num_hidden_layers"] = layers or text["num_hidden_layers"]
         return Qwen3VLConfig(text_config={**text, **special}, vision_config=vision, tie_word_embeddings=True, **ids)
     big = name == "qwen2.5-vl-7b"
     text = dict(vocab_size=152064 if big else 151936, hidden_size=3584 if big else 2048,
@@ -393,9 +454,11 @@ def real_config(name, tokenizer):
                 num_attention_heads=28 if big else 16, num_key_value_heads=4 if big else 2,
                 max_position_embeddings=128000, rms_norm_eps=1e-6, sliding_window=32768,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"],
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
+    text["num_hidden_layers"] = layers or text["num_hidden_layers"]
+    vision = dict(depth=layers or 32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                  out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=112, fullatt_block_indexes=keep([7, 15, 23, 31]), tokens_per_second=2,
+                  hidden_act="silu")
     return Qwen2_5_VLConfig(text_config={**text, **special}, vision_config=vision, tie_word_embeddings=not big, **ids)
 
 
@@ -425,15 +488,11 @@ def build_tiny(family="qwen2_5_vl", texts=None, seed=0):
     return model, processor
 
 
-def model_dtype(dist):
-    """bf16 on one GPU; fp32 on CPU and under FSDP (whose MixedPrecisionPolicy computes in bf16 on CUDA)."""
-    return torch.bfloat16 if dist.device.type == "cuda" and dist.world == 1 else torch.float32
-
-
 def load_model(args, dist, corpus=()):
-    """(model, processor, family) for --model: a preset, a local folder (checkpoint) or a hub id."""
+    """(model, processor, family) for --model: a preset, a local folder (checkpoint) or a hub id. The policy is
+    always fp32: these are the master weights the optimizer updates (bf16 compute comes from `shard`)."""
     from transformers import AutoModelForImageTextToText
-    dtype = model_dtype(dist)
+    dtype = torch.float32
     name = args.model
     if name in PRESETS:
         family, hub_id = PRESETS[name]
@@ -449,8 +508,8 @@ def load_model(args, dist, corpus=()):
             processor.image_processor = image_processor(family, args.min_pixels, args.max_pixels)
             torch.manual_seed(args.seed)
             with torch.device(dist.device):
-                model = AutoModelForImageTextToText.from_config(real_config(name, processor.tokenizer), dtype=dtype,
-                                                                attn_implementation="sdpa")
+                model = AutoModelForImageTextToText.from_config(real_config(name, processor.tokenizer, args.layers),
+                                                                dtype=dtype, attn_implementation="sdpa")
             return model, processor, family
         path = hub_id
     elif Path(name).exists():
@@ -563,6 +622,17 @@ def open_batch(records):
         except tasks.BadRecord:
             skipped += 1
     return kept, images, skipped
+
+
+def stand_in(records, start=0):
+    """The first readable record from `start` on (wrapping round) with its images: what a rank whose share is all
+    unreadable passes instead, so that it still reaches every collective (with weight 0, or as a counted
+    replacement). Every rank would fail alike only if no record at all is readable."""
+    for offset in range(len(records)):
+        kept, images, _ = open_batch([records[(start + offset) % len(records)]])
+        if kept:
+            return kept[0], images[0]
+    raise UserError("no record of the dataset has readable images")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -728,7 +798,8 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
             kept, images, bad = open_batch([r for r in records if r is not None])
             skipped += bad
             if not kept:     # nothing readable: a weight-0 pass keeps the ranks' forward counts equal
-                (kept, images, _), weight = open_batch(examples[:1]), 0.0
+                record, record_images = stand_in(examples)
+                kept, images, weight = [record], [record_images], 0.0
             # the phrasing depends on (seed, step, example) only: same data whatever the number of ranks, and on resume
             responses = [cold_start_response(r, random.Random(f"{args.seed}-{step}-{r['id']}")) for r in kept]
             prepared.append((kept, images, responses, weight))
@@ -743,8 +814,8 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
         for kept, images, completion_ids, completion_mask, weight in encoded:
             prompts = to_device(encode_prompts(processor, kept, images, args.sft_min_pixels, args.sft_max_pixels),
                                 dist.device)
-            full = grpo.join_completions(prompts, completion_ids.to(dist.device), completion_mask.to(dist.device), 1)
-            logp = grpo.response_logprobs(model, full, prompts["input_ids"].shape[1])         # [B, R]
+            logp = grpo.response_logprobs(model, prompts, completion_ids.to(dist.device),
+                                          completion_mask.to(dist.device))                      # [B, R]
             mask = completion_mask.to(dist.device, logp.dtype)
             token_nll = -(logp * mask).sum(1)                                                  # [B]
             # FSDP averages gradients over ranks, hence the factor world: the result is the global token mean
@@ -783,48 +854,52 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
 # Evaluation
 
 def generate_greedy(model, processor, batch, max_new_tokens):
-    """Greedy completions [B, R] for an encoded prompt batch, through grpo's rollout function (temperature 0)."""
+    """Greedy completions [B, R] for an encoded prompt batch, through grpo's rollout function (temperature 0).
+    A sharded model must be gathered (grpo.gathered) around it."""
     tokenizer = processor.tokenizer
     completion_ids, _, _ = grpo.generate_completions(model, batch, 1, max_new_tokens, 0.0, 1.0,
                                                      tokenizer.eos_token_id, tokenizer.pad_token_id)
     return completion_ids
 
 
-def padded_share(items, dist, batch_size):
-    """This rank's strided share, padded with None so that every rank runs the same number of batches."""
-    share = items[dist.rank::dist.world]
-    per_rank = math.ceil(len(items) / dist.world)
-    per_rank = math.ceil(per_rank / batch_size) * batch_size if per_rank else 0
-    return share + [None] * (per_rank - len(share))
+def longest_first(processor, records, min_pixels, max_pixels):
+    """Records sorted by prompt length, longest first, so that each generate call pads to similar lengths (a
+    mixed batch of 1- and 5-image prompts is ~60% left padding); unreadable ones last (they are skipped anyway)."""
+    def length(record):
+        try:
+            return prompt_length(processor, record, min_pixels, max_pixels)
+        except tasks.BadRecord:
+            return 0
+    return sorted(records, key=length, reverse=True)
 
 
 @torch.no_grad()
 def evaluate(args, dist, model, processor, records, min_pixels=None, max_pixels=None):
-    """Greedy decoding over held-out records; per task and overall: reward, accuracy, format rate, n and chance."""
+    """Greedy decoding over held-out records; per task and overall: reward, accuracy, format rate, n and chance.
+    Each rank decodes its strided share, --eval-batch-size prompts per generate call, on the model gathered once:
+    no collective until the final sums, so a rank whose records are unreadable (or fewer) cannot stall the others."""
     min_pixels, max_pixels = min_pixels or args.min_pixels, max_pixels or args.max_pixels
     was_training = model.training
     model.eval()
     sums = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])    # reward, accuracy, format, n
-    share = padded_share(records, dist, args.eval_batch_size)
-    progress = Progress(len(share) // args.eval_batch_size if share else 0, 0, "eval", dist, leave=False)
+    share = longest_first(processor, records[dist.rank::dist.world], min_pixels, max_pixels)
+    progress = Progress(math.ceil(len(share) / args.eval_batch_size), 0, "eval", dist, leave=False)
     skipped = 0
-    for start in range(0, len(share), args.eval_batch_size):
-        chunk = share[start:start + args.eval_batch_size]
-        kept, images, bad = open_batch([r for r in chunk if r is not None])
-        skipped, scored = skipped + bad, len(kept)
-        if not kept:     # a stand-in prompt, unscored, keeps this rank's generate calls in step with the others
-            kept, images, _ = open_batch(records[:1])
-        if kept:
-            batch = encode_prompts(processor, kept, images, min_pixels, max_pixels)
-            completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
-            texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
-            for record, text in list(zip(kept, texts))[:scored]:
-                score = tasks.reward(text, record["answer"])
-                entry = sums[record["task"]]
-                for i, key in enumerate(("overall", "accuracy", "format")):
-                    entry[i] += score[key]
-                entry[3] += 1
-        progress.update({})
+    with grpo.gathered(model):
+        for start in range(0, len(share), args.eval_batch_size):
+            kept, images, bad = open_batch(share[start:start + args.eval_batch_size])
+            skipped += bad
+            if kept:
+                batch = encode_prompts(processor, kept, images, min_pixels, max_pixels)
+                completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
+                texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
+                for record, text in zip(kept, texts):
+                    score = tasks.reward(text, record["answer"])
+                    entry = sums[record["task"]]
+                    for i, key in enumerate(("overall", "accuracy", "format")):
+                        entry[i] += score[key]
+                    entry[3] += 1
+            progress.update({})
     progress.close()
     names = sorted({r["task"] for r in records})
     totals = all_reduce_sum([sums[t][i] for t in names for i in range(4)] + [skipped], dist)
@@ -917,29 +992,27 @@ def evaluate_tsv(args, dist, model, processor, path):
     was_training = model.training
     model.eval()
     correct = formatted = n = skipped = 0.0
-    share = padded_share(rows, dist, args.eval_batch_size)
-    for start in range(0, len(share), args.eval_batch_size):
-        chunk = [row for row in share[start:start + args.eval_batch_size] if row is not None]
-        records, images = [], []
-        for row in chunk or rows[:1]:
-            try:
-                record, image = tsv_record(row)
-            except tasks.BadRecord:
-                skipped += 1
+    share = rows[dist.rank::dist.world]
+    with grpo.gathered(model):     # as in `evaluate`: no collective inside, so ranks may run different counts
+        for start in range(0, len(share), args.eval_batch_size):
+            records, images = [], []
+            for row in share[start:start + args.eval_batch_size]:
+                try:
+                    record, image = tsv_record(row)
+                except tasks.BadRecord:
+                    skipped += 1
+                    continue
+                records.append(record)
+                images.append([image])
+            if not records:
                 continue
-            records.append(record)
-            images.append([image])
-        if not records:
-            continue
-        batch = encode_prompts(processor, records, images, args.min_pixels, args.max_pixels)
-        completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
-        texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        if not chunk:
-            continue
-        for record, text in zip(records, texts):
-            correct += tsv_choice(text, record["options"]) == record["answer"]
-            formatted += tasks.reward(text, record["answer"])["format"]
-            n += 1
+            batch = encode_prompts(processor, records, images, args.min_pixels, args.max_pixels)
+            completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
+            texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
+            for record, text in zip(records, texts):
+                correct += tsv_choice(text, record["options"]) == record["answer"]
+                formatted += tasks.reward(text, record["answer"])["format"]
+                n += 1
     correct, formatted, n, skipped = all_reduce_sum([correct, formatted, n, skipped], dist)
     model.train(was_training)
     return {"accuracy": correct / max(n, 1), "format": formatted / max(n, 1), "n": int(n), "skipped": int(skipped)}
@@ -948,9 +1021,13 @@ def evaluate_tsv(args, dist, model, processor, path):
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints and metrics
 
-def full_state_dicts(model, optimizer, dist):
-    """Full (unsharded) model and optimizer state dicts on the CPU; rank 0 gets them under FSDP."""
-    if dist.world == 1:
+def full_state_dicts(model, optimizer):
+    """Full (unsharded) fp32 model and optimizer state dicts on the CPU; rank 0 gets them under FSDP.
+
+    Full, not sharded, so that a run resumes on any number of GPUs and the weights load with from_pretrained. The
+    price at 7B on 8 GPUs: rank 0 holds 8.29 B x (4 B weights + 8 B Adam) = 100 GB of host memory while it writes
+    (~1-2 minutes; hence --ddp-timeout), every --save-steps."""
+    if not isinstance(model, FSDPModule):
         return model.state_dict(), optimizer.state_dict() if optimizer else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -980,7 +1057,7 @@ def save_checkpoint(args, dist, model, processor, step, stage, optimizer=None, s
     the real name; only then are checkpoints beyond --save-limit deleted, oldest first.
     """
     out = Path(args.out)
-    model_state, optimizer_state = full_state_dicts(model, optimizer, dist)
+    model_state, optimizer_state = full_state_dicts(model, optimizer)
     rng = [rng_states()]
     if dist.world > 1:
         gathered = [None] * dist.world
@@ -1038,16 +1115,20 @@ def resolve_resume(args):
 
 
 def load_trainer_state(path, dist, model, optimizer=None, scheduler=None):
-    """Restore optimizer, scheduler and this rank's RNG from a checkpoint; returns trainer_state.json's dict."""
+    """Restore optimizer, scheduler and this rank's RNG from a checkpoint; returns trainer_state.json's dict.
+
+    The file is memory-mapped, not read: at 7B it holds 66 GB of Adam state, and eight ranks each reading it would
+    need 8 x 66 GB of host memory. Under FSDP only rank 0 reads the optimizer state and broadcasts it tensor by
+    tensor; each rank keeps its shard."""
     state = json.loads((Path(path) / "trainer_state.json").read_text())
-    trainer = torch.load(Path(path) / "trainer.pt", weights_only=True, map_location="cpu")
+    trainer = torch.load(Path(path) / "trainer.pt", weights_only=True, map_location="cpu", mmap=True)
     if optimizer is not None and trainer["optimizer"] is not None:
-        if dist.world == 1:
+        if not isinstance(model, FSDPModule):
             optimizer.load_state_dict(trainer["optimizer"])
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, trainer["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, optimizer, trainer["optimizer"] if dist.rank == 0 else {},
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     rng = trainer["rng"]
@@ -1183,7 +1264,7 @@ def save_reference(args, dist, model, processor):
     """OUT/reference: the policy as GRPO starts, the frozen model of the KL term, kept apart from the rotating
     checkpoints so that a resumed run finds it (written to a temp folder, then renamed)."""
     path, temp = Path(args.out) / "reference", Path(args.out) / ".tmp-reference"
-    model_state, _ = full_state_dicts(model, None, dist)
+    model_state, _ = full_state_dicts(model, None)
     if dist.rank == 0:
         shutil.rmtree(temp, ignore_errors=True)
         model.save_pretrained(temp, state_dict=model_state, safe_serialization=True)
@@ -1196,15 +1277,15 @@ def save_reference(args, dist, model, processor):
 
 
 def load_reference(path, dist, offload=False):
-    """The frozen reference, in the policy's dtype, sharded like it under torchrun."""
+    """The frozen reference in the compute dtype (it is never updated: bf16 halves it, 2 B per parameter), sharded
+    like the policy; its passes gather it once and reshard it after (grpo.rollout_logprobs)."""
     from transformers import AutoModelForImageTextToText
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"GRPO reference model {path} is missing; restart the GRPO stage without --resume")
-    dtype = model_dtype(dist)
-    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dist.dtype, attn_implementation="sdpa")
     reference = reference.to("cpu" if offload else dist.device).eval().requires_grad_(False)
-    if dist.world > 1:
-        reference = shard(reference, mixed_precision=dist.device.type == "cuda", offload=offload)
+    if dist.sharded:
+        reference = shard(reference, dist.dtype, offload=offload)
     return reference
 
 
@@ -1216,7 +1297,8 @@ def rollout_prompts(args, dist, records, step, steps_per_epoch):
     share = batch[dist.rank::dist.world]
     kept, images, skipped = open_batch(share)
     if not kept:
-        raise UserError(f"GRPO step {step}: none of this rank's {len(share)} records has readable images")
+        record, record_images = stand_in(records, start=step * args.rollout_batch_size + dist.rank)
+        kept, images = [record], [record_images]
     readable = len(kept)
     for i in range(len(share) - readable):
         kept.append(kept[i % readable])
@@ -1252,8 +1334,10 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
         num_generations=args.num_generations, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_response_length, clip_low=args.clip_ratio_low, clip_high=args.clip_ratio_high,
         dual_clip=args.clip_ratio_dual, kl_coef=args.kl_coef,
-        updates_per_step=args.rollout_batch_size // args.global_batch_size, micro_batch_size=args.micro_batch_size,
-        logprob_micro_batch_size=args.logprob_micro_batch_size, max_grad_norm=args.max_grad_norm)
+        updates_per_step=args.rollout_batch_size // args.global_batch_size,
+        rollout_micro_batch_size=args.rollout_micro_batch_size,
+        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, shared_prompt=args.shared_prompt,
+        max_grad_norm=args.max_grad_norm)
     model.requires_grad_(True)   # full-parameter RL, vision tower included (EasyR1 freeze_vision_tower: false)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     from transformers import get_constant_schedule
@@ -1269,6 +1353,8 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
            f"{cfg.updates_per_step} update(s) per step, {len(train_records)} prompts", dist=dist)
     progress = Progress(args.max_steps, grpo_step, "grpo", dist)
     while grpo_step < args.max_steps:
+        # sampling seeded by (seed, step, rank): ranks draw different responses, reruns and resumed runs the same
+        torch.manual_seed(random.Random(f"{args.seed}-{grpo_step}-{dist.rank}").getrandbits(63))
         records, images, skipped = rollout_prompts(args, dist, train_records, grpo_step, steps_per_epoch)
         batch = to_device(encode_prompts(processor, records, images, args.min_pixels, args.max_pixels), dist.device)
         step_metrics, rollouts = grpo.grpo_step(model, reference, optimizer, batch, [r["answer"] for r in records],
@@ -1298,13 +1384,38 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
     return first_step + grpo_step
 
 
+def run_sft(args, dist, model, processor, train, state, resume, metrics):
+    """The cold start with its own optimizer, freed on return: GRPO's AdamW then holds the only fp32 Adam state
+    (7B under FSDP on 8 GPUs: the SFT optimizer's 7.6 GB per GPU would otherwise stay alive through GRPO)."""
+    parameters = freeze_for_sft(model, args.freeze_vision_tower, args.freeze_multi_modal_projector)
+    optimizer = torch.optim.AdamW(parameters, lr=args.sft_learning_rate, weight_decay=args.sft_weight_decay)
+    examples = sft_subset(train, args.sft_data_fraction, args.seed)
+    total = max(1, math.ceil(args.sft_num_train_epochs * math.ceil(len(examples) / args.sft_global_batch_size)))
+    scheduler = sft_schedule(optimizer, args, total)
+    if resume:
+        load_trainer_state(resume, dist, model, optimizer, scheduler)
+    if state and state["step"] >= total:
+        return state["step"]
+    return train_sft(args, dist, model, processor, train, optimizer, scheduler, state, metrics)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
         print(plot_metrics(args.plot))
         return
+    dist = compute_init(args.dtype, args.ddp_timeout)
+    try:
+        run(args, dist)
+        if dist.world > 1:   # ranks leave together: a gloo rank that tears down while another still talks aborts
+            torch_dist.barrier()
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def run(args, dist):
     started = time.perf_counter()
-    dist = compute_init()
     transformers_logging.disable_progress_bar()   # "Writing model shards" bars at each save
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1324,10 +1435,12 @@ def main(argv=None):
     if args.stage in ("all", "sft"):
         train = filter_records(processor, train, args.max_prompt_length, *sft_pixels, dist, "train")
     held_out = filter_records(processor, held_out, args.max_prompt_length, args.min_pixels, args.max_pixels, dist, "eval")
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if dist.world > 1:
-        model = shard(model, mixed_precision=dist.device.type == "cuda")
+    if args.ref_offload and not dist.sharded:
+        raise UserError("--ref-offload needs a sharded reference: run under torchrun or with --dtype bf16")
+    if args.gradient_checkpointing:   # non-reentrant: the variant FSDP2 supports
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if dist.sharded:
+        model = shard(model, dist.dtype)
     metrics = Metrics(args.out, dist, state and state["stage"], state and state["step"])
     evaluations, sft_steps = {}, 0
     for stage in ("base", "sft", "grpo"):   # earlier evaluations of a resumed run
@@ -1341,15 +1454,7 @@ def main(argv=None):
     if args.stage in ("all", "sft") and not resume:
         run_evaluation(args, dist, model, processor, held_out, "base", evaluations)
     if args.stage in ("all", "sft") and (not state or state["stage"] == "sft"):
-        parameters = freeze_for_sft(model, args.freeze_vision_tower, args.freeze_multi_modal_projector)
-        optimizer = torch.optim.AdamW(parameters, lr=args.sft_learning_rate, weight_decay=args.sft_weight_decay)
-        examples = sft_subset(train, args.sft_data_fraction, args.seed)
-        total = max(1, math.ceil(args.sft_num_train_epochs * math.ceil(len(examples) / args.sft_global_batch_size)))
-        scheduler = sft_schedule(optimizer, args, total)
-        if resume:
-            load_trainer_state(resume, dist, model, optimizer, scheduler)
-        sft_steps = (train_sft(args, dist, model, processor, train, optimizer, scheduler, state, metrics)
-                     if not state or state["step"] < total else state["step"])
+        sft_steps = run_sft(args, dist, model, processor, train, state, resume, metrics)
         run_evaluation(args, dist, model, processor, held_out, "sft", evaluations)
         state = None
     if args.stage in ("all", "grpo"):
@@ -1370,8 +1475,6 @@ def main(argv=None):
                 print0(f"curves: {plot_metrics(args.out)}")
             except UserError as error:
                 print0(f"no curves: {error}")
-    if dist.world > 1:
-        torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def main():
         batch = [probe_sample(rng, args.question) for _ in range(args.batch)]
         prompts = encode(batch)
         ids, mask = ssrl.encode_responses(processor.tokenizer, [response.format(answer) for _, answer in batch])
-        logp = grpo.response_logprobs(model, grpo.join_completions(prompts, ids, mask, 1), prompts["input_ids"].shape[1])
+        logp = grpo.response_logprobs(model, prompts, ids, mask)
         loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

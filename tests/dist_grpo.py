@@ -1,13 +1,18 @@
-"""FSDP2 check for grpo.py, run by tests/test_grpo_dist.py:
+"""FSDP2 checks for grpo.py, run by tests/test_grpo_dist.py:
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist_grpo.py OUT_DIR
 
-Every rank builds the same tiny Qwen2.5-VL and the same fixed rollouts (4 prompts x 3 responses with fixed
-completions, advantages, old and reference log-probs); rank r keeps prompts 2r and 2r+1, shards the model with
-`fully_shard` (each vision block, each decoder layer, then the root) and runs `grpo.update_policy`. Rank 0 writes
-the gathered parameters to OUT_DIR/sharded.pt; the test compares them with one process updating on the whole batch
-(`single_process_update`). Then each rank samples from the sharded model and from an unsharded copy with the same
-seed: the completions must be equal, and the ranks stop at different lengths (so `synced_gpus` is exercised).
+Update: every rank builds the same tiny Qwen2.5-VL and the same fixed rollouts (8 prompts x 3 responses with fixed
+completions, advantages, old and reference log-probs); rank r keeps prompts 4r to 4r + 3, shards the model with
+`fully_shard` (each vision block, each decoder layer, then the root) and runs `grpo.update_policy` on the shared-prompt
+path with a token budget that gives the two ranks different numbers of micro-batches (so the weight-0 passes that
+keep them in step run). Rank 0 writes the gathered parameters to OUT_DIR/sharded.pt; the test compares them with one
+process updating on the whole batch on the per-response path (`single_process_update`).
+
+Generation: each rank then decodes its own prompts on the sharded model gathered once (`grpo.gathered`), greedily
+(the test compares with one process) and sampled against an unsharded copy with the same seed, with a stop token
+that makes the ranks finish after different numbers of tokens and a different number of generate calls per rank:
+nothing in generation is collective any more, so neither may wait for the other.
 """
 import copy
 import os
@@ -20,34 +25,36 @@ import grpo  # noqa: E402
 from test_grpo import build_model, build_tokenizer, colour_batch  # noqa: E402
 
 N = 3
-CFG = grpo.GRPOConfig(num_generations=N, updates_per_step=2, micro_batch_size=2, kl_coef=0.01)
-# the global mini-batches are {prompt 0, prompt 2} then {1, 3}: rank 0 holds prompts 0 and 1, rank 1 holds 2 and 3
-RANK_PROMPTS = [[0, 1], [2, 3]]
-SINGLE_ORDER = [0, 2, 1, 3]
+CFG = grpo.GRPOConfig(num_generations=N, updates_per_step=2, kl_coef=0.01, shared_prompt=True)
+# token budgets: rank 0's rows fit one micro-batch, rank 1's need two (the test checks the counts differ)
+BUDGET = [10_000, 60]
+# the global mini-batches are prompts {0, 1, 4, 5} then {2, 3, 6, 7}: rank 0 holds 0-3, rank 1 holds 4-7
+PROMPTS = 8
+RANK_PROMPTS = [[0, 1, 2, 3], [4, 5, 6, 7]]
+SINGLE_ORDER = [0, 1, 4, 5, 2, 3, 6, 7]
 
 
 def fixed_rollouts(tokenizer, model):
-    """The whole batch, completions, advantages, old and reference log-probs; the same on every process."""
-    batch, _, _ = colour_batch(tokenizer, prompts=4, seed=3)
+    """The whole batch's rollouts, advantages, old and reference log-probs; the same on every process."""
+    batch, _, _ = colour_batch(tokenizer, prompts=PROMPTS, seed=3)
     generator = torch.Generator().manual_seed(7)
-    completion_ids = torch.randint(10, 290, (4 * N, 6), generator=generator)
-    lengths = torch.randint(1, 7, (4 * N,), generator=generator)
+    completion_ids = torch.randint(10, 290, (PROMPTS * N, 6), generator=generator)
+    lengths = torch.randint(1, 7, (PROMPTS * N,), generator=generator)
     completion_mask = (torch.arange(6)[None] < lengths[:, None]).long()
-    advantages = torch.randn(4 * N, generator=generator)
-    full = grpo.join_completions(batch, completion_ids, completion_mask, N)
-    prompt_len = batch["input_ids"].shape[1]
-    logp = grpo._logprobs(model, full, prompt_len, 1.0, 4 * N)
+    advantages = torch.randn(PROMPTS * N, generator=generator)
+    rollouts = grpo.Rollouts(batch, completion_ids, completion_mask, N)
+    logp = grpo.rollout_logprobs(model, rollouts, False, 10_000)
     old_logp = (logp + 0.3 * torch.randn(logp.shape, generator=generator)) * completion_mask  # some ratios clip
     ref_logp = (logp + 0.3 * torch.randn(logp.shape, generator=generator)) * completion_mask
-    return batch, completion_ids, completion_mask, advantages, old_logp, ref_logp
+    return rollouts, advantages, old_logp, ref_logp
 
 
-def take(prompts, batch, completion_ids, completion_mask, advantages, old_logp, ref_logp):
+def take(prompts, rollouts, advantages, old_logp, ref_logp):
     """The rollouts of `prompts` (prompt indices), in that order."""
     sequences = torch.tensor([prompt * N + j for prompt in prompts for j in range(N)])
-    part = grpo.select_samples(batch, torch.tensor(prompts))
-    full = grpo.join_completions(part, completion_ids[sequences], completion_mask[sequences], N)
-    return full, part["input_ids"].shape[1], old_logp[sequences], ref_logp[sequences], advantages[sequences]
+    part = grpo.Rollouts(grpo.select_samples(rollouts.prompts, torch.tensor(prompts)),
+                         rollouts.completion_ids[sequences], rollouts.completion_mask[sequences], N)
+    return part, advantages[sequences], old_logp[sequences], ref_logp[sequences]
 
 
 def optimizer_for(model):
@@ -59,14 +66,26 @@ def optimizer_for(model):
 
 
 def single_process_update():
-    """Parameters after one process updates on the whole batch (the reference for the sharded run)."""
+    """Parameters after one process updates on the whole batch (the reference for the sharded run), on the
+    per-response path in one micro-batch per mini-batch."""
     tokenizer = build_tokenizer()
     model = build_model("qwen2.5-vl", tokenizer)
-    rollouts = fixed_rollouts(tokenizer, model)
-    full, prompt_len, old_logp, ref_logp, advantages = take(SINGLE_ORDER, *rollouts)
-    cfg = grpo.GRPOConfig(**{**CFG.__dict__, "micro_batch_size": 3})      # other micro-batches, same result
-    metrics = grpo.update_policy(model, optimizer_for(model), full, prompt_len, old_logp, ref_logp, advantages, cfg)
+    rollouts, advantages, old_logp, ref_logp = take(SINGLE_ORDER, *fixed_rollouts(tokenizer, model))
+    cfg = grpo.GRPOConfig(**{**CFG.__dict__, "shared_prompt": False, "max_tokens_per_micro_batch": 10_000})
+    metrics = grpo.update_policy(model, optimizer_for(model), rollouts, old_logp, ref_logp, advantages, cfg)
     return {name: p.detach().clone() for name, p in model.named_parameters()}, metrics
+
+
+def greedy(model, tokenizer, batch, micro_batch_size):
+    ids, mask, _ = grpo.generate_completions(model, batch, 2, 8, 0.0, 1.0, tokenizer.eos_token_id,
+                                             tokenizer.pad_token_id, micro_batch_size)
+    return ids * mask
+
+
+def rank_prompts(tokenizer, rank):
+    """Rank 0 decodes 3 prompts in 2 generate calls, rank 1 one prompt in one call."""
+    batch, _, _ = colour_batch(tokenizer, prompts=4, seed=10)
+    return grpo.select_samples(batch, torch.tensor([0, 1, 2] if rank == 0 else [3])), 2 if rank == 0 else 1
 
 
 def shard(model):
@@ -86,37 +105,42 @@ def main(out):
     rank = dist.get_rank()
     tokenizer = build_tokenizer()
     model = build_model("qwen2.5-vl", tokenizer)
-    rollouts = fixed_rollouts(tokenizer, model)
+    everything = fixed_rollouts(tokenizer, model)
     unsharded = copy.deepcopy(model)
     shard(model)
 
-    full, prompt_len, old_logp, ref_logp, advantages = take(RANK_PROMPTS[rank], *rollouts)
-    metrics = grpo.update_policy(model, optimizer_for(model), full, prompt_len, old_logp, ref_logp, advantages, CFG)
+    rollouts, advantages, old_logp, ref_logp = take(RANK_PROMPTS[rank], *everything)
+    cfg = grpo.GRPOConfig(**{**CFG.__dict__, "max_tokens_per_micro_batch": BUDGET[rank]})
+    micro = len(grpo.micro_batches(grpo.pass_rows(rollouts, True, range(2))[1], BUDGET[rank]))
+    metrics = grpo.update_policy(model, optimizer_for(model), rollouts, old_logp, ref_logp, advantages, cfg)
     state = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
-    if rank == 0:
-        torch.save({"params": state, "metrics": metrics}, os.path.join(out, "sharded.pt"))
+    counts = [None, None]
+    dist.all_gather_object(counts, micro)
 
-    # generate on the sharded model: the same samples as the unsharded copy of the updated weights, each rank with
-    # its own prompts; a frequent token is made a stop token so that the ranks finish at different steps
+    # generation on the sharded model, gathered once: greedy, and sampled against the unsharded copy
     unsharded.load_state_dict(state)
-    batch, _, _ = colour_batch(tokenizer, prompts=2, seed=10 + rank)
-    stop = torch.zeros(4, dtype=torch.long)
-    if rank == 0:           # rank 0's own third sampled tokens become stop tokens: it finishes after 3 steps
-        torch.manual_seed(100)
-        ids, _, _ = grpo.generate_completions(unsharded, batch, 2, 10, 1.0, 1.0, [tokenizer.eos_token_id],
-                                              tokenizer.pad_token_id)
-        stop = ids[:, 2].clone()
-    dist.broadcast(stop, 0)
-    eos = [tokenizer.eos_token_id] + stop.tolist()
-    results = []
-    for candidate in (unsharded, model):
-        torch.manual_seed(100 + rank)
-        results.append(grpo.generate_completions(candidate, batch, 2, 10, 1.0, 1.0, eos, tokenizer.pad_token_id))
-    same = all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
-    widths = [None, None]
-    dist.all_gather_object(widths, (same, results[1][0].shape[1], int(results[1][1].sum())))
+    batch, calls = rank_prompts(tokenizer, rank)
+    model.eval()
+    with grpo.gathered(model):
+        sharded_greedy = greedy(model, tokenizer, batch, micro_batch_size=2 if rank == 0 else 1)
+        stop = [tokenizer.eos_token_id]
+        if rank == 0:     # rank 0's own third sampled token becomes a stop token: it finishes early
+            torch.manual_seed(100)
+            ids, _, _ = grpo.generate_completions(unsharded, batch, 2, 10, 1.0, 1.0, stop, tokenizer.pad_token_id)
+            stop = stop + ids[:, 2].tolist()
+        sampled = []
+        for candidate in (unsharded, model):
+            torch.manual_seed(100 + rank)
+            sampled.append(grpo.generate_completions(candidate, batch, 2, 10, 1.0, 1.0, stop, tokenizer.pad_token_id,
+                                                     micro_batch_size=2))
+    same = all(torch.equal(a, b) for a, b in zip(sampled[0], sampled[1]))
+    results = [None, None]
+    dist.all_gather_object(results, {"greedy": sharded_greedy, "same_sampled": same, "calls": calls,
+                                     "width": sampled[1][0].shape[1]})
     if rank == 0:
-        torch.save({"generate": widths}, os.path.join(out, "generate.pt"))
+        torch.save({"params": state, "metrics": metrics, "micro_batches": counts, "generate": results},
+                   os.path.join(out, "sharded.pt"))
+    dist.barrier()   # leave together: a gloo rank that tears down while the other still talks aborts at exit
     dist.destroy_process_group()
 
 

@@ -26,8 +26,7 @@ from test_grpo import build_model, build_tokenizer, colour_batch  # noqa: E402
 
 SFT_STEPS, GRPO_STEPS, PROMPTS_PER_STEP, LR = 80, 24, 24, 2e-3
 COLOUR_NAMES = ("red", "green", "blue", "yellow")
-CFG = grpo.GRPOConfig(num_generations=5, max_new_tokens=12, updates_per_step=2, micro_batch_size=60,
-                      logprob_micro_batch_size=60)
+CFG = grpo.GRPOConfig(num_generations=5, max_new_tokens=12, updates_per_step=2)
 
 
 def scrambled_key(seed):
@@ -52,8 +51,7 @@ def sft_on_format(model, tokenizer, seed):
         width = max(len(row) for row in ids)
         completion_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids])
         completion_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
-        full = grpo.join_completions(batch, completion_ids, completion_mask, 1)
-        logp = grpo.response_logprobs(model, full, batch["input_ids"].shape[1])
+        logp = grpo.response_logprobs(model, batch, completion_ids, completion_mask)
         loss = -(logp * completion_mask).sum() / completion_mask.sum()
         loss.backward()
         optimizer.step()

@@ -32,8 +32,7 @@ import tasks  # noqa: E402
 SFT_BATCH, SFT_LR, MIN_SFT_STEPS, MAX_SFT_STEPS, PROBE, FORMAT_STOP = 16, 3e-3, 25, 80, 32, 0.25
 GRPO_STEPS, PROMPTS_PER_STEP, LR = 10, 8, 2e-3
 PIXELS = (28 * 28, 64 * 64)          # min, max: 4 visual tokens per image
-CFG = grpo.GRPOConfig(num_generations=5, max_new_tokens=48, updates_per_step=2, micro_batch_size=40,
-                      logprob_micro_batch_size=40)
+CFG = grpo.GRPOConfig(num_generations=5, max_new_tokens=48, updates_per_step=2)
 
 
 def build_data(root):
@@ -47,7 +46,7 @@ def encode(processor, records):
 
 def cold_start(model, processor, train, seed):
     """The cold start, stopped early: SFT steps (-token-mean log-prob of ssrl's programmatic answers, through the
-    log-prob path of ssrl.train_sft: grpo.join_completions + grpo.response_logprobs) until sampled answers to
+    log-prob path of ssrl.train_sft: grpo.response_logprobs) until sampled answers to
     PROBE training prompts have the format FORMAT_STOP of the time. A fixed step count would not do: the step
     where the format appears varies ~1.5x over seeds (at 40 steps: 6% in one seed, 16-19% in others)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR, weight_decay=0.0)
@@ -61,8 +60,7 @@ def cold_start(model, processor, train, seed):
         batch = encode(processor, records)
         completion_ids, completion_mask = ssrl.encode_responses(
             processor.tokenizer, [ssrl.cold_start_response(record, rng) for record in records])
-        full = grpo.join_completions(batch, completion_ids, completion_mask, 1)
-        logp = grpo.response_logprobs(model, full, batch["input_ids"].shape[1])
+        logp = grpo.response_logprobs(model, batch, completion_ids, completion_mask)
         loss = -(logp * completion_mask).sum() / completion_mask.sum()
         loss.backward()
         optimizer.step()

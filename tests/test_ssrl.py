@@ -63,9 +63,8 @@ def test_every_image_token_sits_where_its_placeholder_was(family):
 def response_logprobs(model, processor, records, images, responses):
     batch = ssrl.encode_prompts(processor, records, images, 56 * 56, 128 * 128)
     completion_ids, completion_mask = ssrl.encode_responses(processor.tokenizer, responses)
-    full = grpo.join_completions(batch, completion_ids, completion_mask, 1)
     with torch.no_grad():
-        logp = grpo.response_logprobs(model, full, batch["input_ids"].shape[1])
+        logp = grpo.response_logprobs(model, batch, completion_ids, completion_mask)
     return [row[mask.bool()] for row, mask in zip(logp, completion_mask)]
 
 
@@ -90,13 +89,11 @@ def test_response_logprobs_same_alone_and_left_padded_in_a_mixed_batch(family):
     # and the positions matter: dropping mm_token_type_ids (1-D fallback) changes Qwen2.5-VL's log-probs
     if family == "qwen2_5_vl":
         batch = ssrl.encode_prompts(processor, records[:1], images[:1], 56 * 56, 128 * 128)
-        completion_ids, completion_mask = ssrl.encode_responses(processor.tokenizer, responses[:1])
-        full = grpo.join_completions(batch, completion_ids, completion_mask, 1)
-        full.pop("mm_token_type_ids")
+        inputs = {k: v for k, v in batch.items() if k != "images_per_sample"}
         with torch.no_grad():
-            logits_1d = model(**{k: v for k, v in full.items() if k != "images_per_sample"}).logits
-            full["mm_token_type_ids"] = (full["input_ids"] == processor.image_token_id).long()
-            logits_3d = model(**{k: v for k, v in full.items() if k != "images_per_sample"}).logits
+            logits_3d = model(**inputs).logits
+            inputs.pop("mm_token_type_ids")
+            logits_1d = model(**inputs).logits
         assert (logits_1d - logits_3d).abs().max() > 1e-4
 
 
