@@ -1438,7 +1438,7 @@ def run(args, dist):
     if args.ref_offload and not dist.sharded:
         raise UserError("--ref-offload needs a sharded reference: run under torchrun or with --dtype bf16")
     if args.gradient_checkpointing:   # non-reentrant: the variant FSDP2 supports
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if dist.sharded:
         model = shard(model, dist.dtype)
     metrics = Metrics(args.out, dist, state and state["stage"], state and state["step"])
