@@ -1,18 +1,25 @@
-"""Seconds per GRPO step and where they go, tokens/s and peak memory, with the fused log-probs on and off.
+"""Seconds per GRPO step and where they go, tokens/s and peak memory: shared-prompt rows against one row per
+response, and the fused log-probs on and off; the memory of a rollout against its micro-batch.
 
-    OMP_NUM_THREADS=1 python -m bench.grpo                                   # tiny Qwen2.5-VL on the CPU
-    python -m bench.grpo --model qwen2.5-vl-3b --prompts 16 --max-new-tokens 256   # real shape, random init, CUDA
+    OMP_NUM_THREADS=1 python -m bench.grpo                                # tiny model, CPU: recipe-like + default
+    OMP_NUM_THREADS=1 python -m bench.grpo --shapes default --paths shared,unshared
+    OMP_NUM_THREADS=1 python -m bench.grpo --rollout-memory               # peak memory of generation vs micro-batch
+    python -m bench.grpo --model qwen2.5-vl-3b --shapes recipe --prompts 32 --max-new-tokens 256  # real shapes, GPU
 
-Each variant runs `grpo.grpo_step` on the same prompts (procedural pretext-task samples from tasks.py, encoded by
-ssrl.encode_prompts) after one warm-up step, with `grpo.LOGPROBS_IMPL` set to each of --impls: "triton" (the fused
-kernel, CUDA) or "torch" (its chunked PyTorch fallback, CPU) are the fused log-probs on; "reference" materialises
-[tokens x vocab] logits (log_softmax + gather): the fused log-probs off. A model from random init rarely
-samples EOS, so responses run to --max-new-tokens: the step length is fixed, which is what a timing wants.
-Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU (reset before each variant).
+Shapes: "recipe" is recipe-like on the tiny model: each prompt carries 2-5 images of ~160 visual tokens (364 px
+squares, rendered scenes) and a pretext task's question, ~700 tokens in all, answered with 60 new tokens, n = 5.
+"default" is the default run's GRPO step: 16 prompts of the five tasks at 112 px (12-16 visual tokens per image,
+~200-token prompts), 48 new tokens. A model from random init rarely samples EOS, so every response runs to the
+limit: the step's length is fixed, which is what a timing wants. Each variant runs `grpo.grpo_step` (2 updates per
+step, k3 KL to a reference: every pass of the recipe) on the same prompts after one warm-up step. Paths: "shared"
+(each group one packed row, one prefill per prompt) or "unshared" (a row and a prefill per response). Log-probs
+(--impls): the device's fused path ("torch" on a CPU, "triton" on CUDA) or "reference" ([tokens x vocab] logits).
+Peak memory: CUDA max_memory_allocated, or the process's peak resident set on the CPU (reset before each variant).
 """
 import argparse
 import copy
 import os
+import random
 import tempfile
 
 import torch
@@ -43,70 +50,142 @@ def peak_mib(device):
     return float("nan")
 
 
-def build(args, device):
+def recipe_records(root, prompts, side, seed=0):
+    """Records of 2-5 rendered scenes each (side x side px) with a pretext task's question, written under root."""
+    rng = random.Random(seed)
+    questions = [tasks._CROP.replace("<image>", ""), tasks._DEPTH, tasks._POSITION, tasks._FLIP]
+    records = []
+    for i in range(prompts):
+        count = 2 + i % 4
+        paths = []
+        for j in range(count):
+            path = os.path.join(root, f"recipe-{i}-{j}.jpg")
+            tasks.render_scene(random.Random(f"{seed}:{i}:{j}"), side, side)[0].save(path, quality=90)
+            paths.append(path)
+        records.append({"id": f"recipe-{i}", "task": "crop", "problem": "<image>" * count + rng.choice(questions),
+                        "answer": "A", "images": paths})
+    return records
+
+
+def default_records(root, prompts):
+    """The default run's prompts: the five tasks' samples at 112 px."""
+    tasks.build_dataset(root, per_task=max(2, prompts // len(tasks.TASKS) + 1), eval_per_task=1, max_side=112,
+                        progress=False, overwrite=True)
+    return tasks.load_records(root, "train")[:prompts]
+
+
+def build(args, device, root):
+    if args.shapes == "recipe":
+        records, pixels = recipe_records(root, args.prompts, args.image_size or 364), (args.image_size or 364) ** 2
+    else:
+        records, pixels = default_records(root, args.prompts), (args.image_size or 112) ** 2
     family = ssrl.PRESETS[args.model][0]
-    root = tempfile.mkdtemp(prefix="bench-grpo-")
-    tasks.build_dataset(root, per_task=max(2, args.prompts // len(tasks.TASKS) + 1), eval_per_task=1,
-                        max_side=args.image_size, progress=False, overwrite=True)
-    records = tasks.load_records(root, "train")[:args.prompts]
+    corpus = ssrl.tokenizer_corpus([r for r in records if "meta" in r]) + [r["problem"] for r in records]
     if ssrl.PRESETS[args.model][1] is None:
-        policy, processor = ssrl.build_tiny(family, ssrl.tokenizer_corpus(records))
+        policy, processor = ssrl.build_tiny(family, corpus)
     else:
         from transformers import AutoModelForImageTextToText
-        processor = ssrl.build_tiny_processor(family, ssrl.tokenizer_corpus(records))
+        processor = ssrl.build_tiny_processor(family, corpus)
         with torch.device(device):
-            policy = AutoModelForImageTextToText.from_config(ssrl.real_config(args.model, processor.tokenizer),
-                                                             dtype=torch.bfloat16, attn_implementation="sdpa")
-        policy.gradient_checkpointing_enable()
+            policy = AutoModelForImageTextToText.from_config(
+                ssrl.real_config(args.model, processor.tokenizer, args.layers), dtype=torch.bfloat16,
+                attn_implementation="sdpa")
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy.to(device)
-    pixels = args.image_size ** 2
     batch = ssrl.to_device(ssrl.encode_prompts(processor, records, [tasks.open_images(r) for r in records],
-                                               min_pixels=pixels // 4, max_pixels=pixels), device)
+                                               min_pixels=pixels, max_pixels=pixels), device)
     return policy, processor, batch, [r["answer"] for r in records], [r["task"] for r in records]
+
+
+def time_steps(args, device, policy, reference, processor, batch, answers, task_names, shared, impl):
+    grpo.LOGPROBS_IMPL = impl
+    cfg = grpo.GRPOConfig(num_generations=args.n, max_new_tokens=args.max_new_tokens, shared_prompt=shared,
+                          rollout_micro_batch_size=args.rollout_micro_batch_size,
+                          max_tokens_per_micro_batch=args.max_tokens_per_micro_batch)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
+    torch.manual_seed(0)
+    grpo.grpo_step(policy, reference, optimizer, batch, answers, task_names, processor, cfg)   # warm-up
+    peak_reset(device)
+    runs = [grpo.grpo_step(policy, reference, optimizer, batch, answers, task_names, processor, cfg)[0]
+            for _ in range(args.steps)]
+    grpo.LOGPROBS_IMPL = None
+    return {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}, peak_mib(device)
+
+
+def rollout_memory(args, device):
+    """Peak memory of generating n responses to B recipe-like prompts in micro-batches of m prompts, each (B, m) in
+    a fresh process (a freed heap would hide the next one's growth): it follows m, not B."""
+    import subprocess
+    import sys
+    print("| rollout batch B (prompts) | micro-batch m (prompts) | generate s | peak MiB above the loaded model |")
+    print("|---|---|---|---|")
+    for prompts in args.rollout_batches:
+        for micro in sorted({4, 16, prompts}):
+            if micro <= prompts:
+                command = [sys.executable, "-m", "bench.grpo", "--rollout-one", str(prompts), str(micro),
+                           "--max-new-tokens", str(args.max_new_tokens), "--n", str(args.n)]
+                print(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip(), flush=True)
+
+
+def rollout_one(args, device, prompts, micro):
+    with tempfile.TemporaryDirectory() as root:
+        args.prompts = prompts
+        policy, processor, batch, _, _ = build(args, device, root)
+        tokenizer = processor.tokenizer
+        peak_reset(device)
+        base = peak_mib(device)
+        start = grpo._clock(device)
+        grpo.generate_completions(policy, batch, args.n, args.max_new_tokens, 1.0, 1.0, tokenizer.eos_token_id,
+                                  tokenizer.pad_token_id, micro)
+        seconds = grpo._clock(device) - start
+        print(f"| {prompts} | {micro} | {seconds:.2f} | {peak_mib(device) - base:.0f} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-qwen2.5-vl", choices=list(ssrl.PRESETS))
+    parser.add_argument("--layers", type=int, default=None, help="real presets: decoder layers and vision blocks")
+    parser.add_argument("--shapes", choices=("recipe", "default", "both"), default="both")
+    parser.add_argument("--paths", default="shared,unshared", help="comma-separated: shared, unshared")
+    parser.add_argument("--impls", default=None, help="comma-separated grpo.LOGPROBS_IMPL values (default: the "
+                        "device's fused path only; add 'reference' for [tokens x vocab] logits)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step (x n responses)")
     parser.add_argument("--n", type=int, default=5, help="responses per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=112, help="longest image side in pixels")
-    parser.add_argument("--micro-batch-size", type=int, default=None, help="sequences per pass (default: all)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after 1 warm-up)")
-    parser.add_argument("--impls", default=None, help="comma-separated grpo.LOGPROBS_IMPL values (default: the "
-                        "device's fused path, then reference: triton,reference on CUDA, torch,reference on a CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 60 recipe, 48 default")
+    parser.add_argument("--image-size", type=int, default=None, help="image side in px (default 364 / 112)")
+    parser.add_argument("--rollout-micro-batch-size", type=int, default=16)
+    parser.add_argument("--max-tokens-per-micro-batch", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after 1 warm-up)")
+    parser.add_argument("--rollout-memory", action="store_true", help="only the rollout memory table")
+    parser.add_argument("--rollout-batches", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--rollout-one", type=int, nargs=2, metavar=("B", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    policy, processor, batch, answers, task_names = build(args, device)
-    reference = copy.deepcopy(policy).eval()
-    micro = args.micro_batch_size or args.prompts * args.n
-    cfg = grpo.GRPOConfig(num_generations=args.n, max_new_tokens=args.max_new_tokens, micro_batch_size=micro,
-                          logprob_micro_batch_size=micro)
-    print(f"{args.model} on {device}: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, vocab "
-          f"{policy.config.get_text_config().vocab_size}, {args.prompts} prompts x {args.n}, prompt length "
-          f"{batch['input_ids'].shape[1]}, max new tokens {args.max_new_tokens}, {args.steps} steps per variant")
-    rows = []
-    for impl in (args.impls or ("triton" if device.type == "cuda" else "torch") + ",reference").split(","):
-        grpo.LOGPROBS_IMPL = impl
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
-        torch.manual_seed(0)
-        grpo.grpo_step(policy, reference, optimizer, batch, answers, task_names, processor, cfg)   # warm-up
-        peak_reset(device)
-        runs = [grpo.grpo_step(policy, reference, optimizer, batch, answers, task_names, processor, cfg)[0]
-                for _ in range(args.steps)]
-        mean = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
-        rows.append((impl, mean, peak_mib(device)))
-    grpo.LOGPROBS_IMPL = None
-    print("| log-probs | s/step | generate | reward | log-probs (old+ref) | update | tokens/s | response length "
-          "| peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for impl, mean, peak in rows:
-        print(f"| {impl} | {mean['time/step']:.2f} | {mean['time/generate']:.2f} | {mean['time/reward']:.3f} | "
-              f"{mean['time/logprobs']:.2f} | {mean['time/update']:.2f} | {mean['tokens_per_second']:.0f} | "
-              f"{mean['completions/mean_length']:.1f} | {peak:.0f} |")
+    if args.rollout_memory or args.rollout_one:
+        args.shapes, args.max_new_tokens = "recipe", args.max_new_tokens or 60
+        return rollout_one(args, device, *args.rollout_one) if args.rollout_one else rollout_memory(args, device)
+    impls = (args.impls or ("triton" if device.type == "cuda" else "torch")).split(",")
+    print("| shapes | path | log-probs | prompt tokens | s/step | generate | reward | log-probs (old+ref) | update | "
+          "passes | tokens/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    max_new_tokens = args.max_new_tokens
+    for shapes in (("recipe", "default") if args.shapes == "both" else (args.shapes,)):
+        args.shapes, args.max_new_tokens = shapes, max_new_tokens or (60 if shapes == "recipe" else 48)
+        with tempfile.TemporaryDirectory() as root:
+            policy, processor, batch, answers, task_names = build(args, device, root)
+            reference = copy.deepcopy(policy).eval().requires_grad_(False)
+            prompt_tokens = float(batch["attention_mask"].sum(1).float().mean())
+            for path in args.paths.split(","):
+                for impl in impls:
+                    mean, peak = time_steps(args, device, policy, reference, processor, batch, answers, task_names,
+                                            path == "shared", impl)
+                    passes = mean["time/logprobs"] + mean["time/update"]
+                    print(f"| {shapes} | {path} | {impl} | {prompt_tokens:.0f} | {mean['time/step']:.2f} | "
+                          f"{mean['time/generate']:.2f} | {mean['time/reward']:.3f} | {mean['time/logprobs']:.2f} | "
+                          f"{mean['time/update']:.2f} | {passes:.2f} | {mean['tokens_per_second']:.0f} | "
+                          f"{peak:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
