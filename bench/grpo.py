@@ -4,7 +4,7 @@ response, and the fused log-probs on and off; the memory of a rollout against it
     OMP_NUM_THREADS=1 python -m bench.grpo                                # tiny model, CPU: recipe-like + default
     OMP_NUM_THREADS=1 python -m bench.grpo --shapes default --paths shared,unshared
     OMP_NUM_THREADS=1 python -m bench.grpo --rollout-memory               # peak memory of generation vs micro-batch
-    python -m bench.grpo --model qwen2.5-vl-3b --shapes recipe --prompts 32 --max-new-tokens 256  # real shapes, GPU
+    python -m bench.grpo --model qwen2.5-vl-3b --shapes recipe --image-size 512 --prompts 32 --max-new-tokens 256
 
 Shapes: "recipe" is recipe-like on the tiny model: each prompt carries 2-5 images of ~160 visual tokens (364 px
 squares, rendered scenes) and a pretext task's question, ~700 tokens in all, answered with 60 new tokens, n = 5.
@@ -15,9 +15,13 @@ step, k3 KL to a reference: every pass of the recipe) on the same prompts after 
 (each group one packed row, one prefill per prompt) or "unshared" (a row and a prefill per response). Log-probs
 (--impls): the device's fused path ("torch" on a CPU, "triton" on CUDA) or "reference" ([tokens x vocab] logits).
 Peak memory: CUDA max_memory_allocated, or the process's peak resident set on the CPU (reset before each variant).
+Precision as the trainer has it: fp32 master weights and AdamW state; with a bf16 compute dtype (--dtype, auto: bf16
+on CUDA) the policy computes through FSDP2's mixed precision on one process and the reference is bf16, so a real
+preset's peak memory is what a one-GPU run of ssrl.py holds (~16 B per parameter + 2 B for the reference).
 """
 import argparse
 import copy
+import json
 import os
 import random
 import tempfile
@@ -74,7 +78,8 @@ def default_records(root, prompts):
     return tasks.load_records(root, "train")[:prompts]
 
 
-def build(args, device, root):
+def build(args, dist, root):
+    device = dist.device
     if args.shapes == "recipe":
         records, pixels = recipe_records(root, args.prompts, args.image_size or 364), (args.image_size or 364) ** 2
     else:
@@ -88,13 +93,16 @@ def build(args, device, root):
         processor = ssrl.build_tiny_processor(family, corpus)
         with torch.device(device):
             policy = AutoModelForImageTextToText.from_config(
-                ssrl.real_config(args.model, processor.tokenizer, args.layers), dtype=torch.bfloat16,
+                ssrl.real_config(args.model, processor.tokenizer, args.layers), dtype=torch.float32,
                 attn_implementation="sdpa")
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy.to(device)
+    reference = copy.deepcopy(policy).to(dist.dtype).eval().requires_grad_(False)
+    if dist.sharded:
+        policy, reference = ssrl.shard(policy, dist.dtype), ssrl.shard(reference, dist.dtype)
     batch = ssrl.to_device(ssrl.encode_prompts(processor, records, [tasks.open_images(r) for r in records],
                                                min_pixels=pixels, max_pixels=pixels), device)
-    return policy, processor, batch, [r["answer"] for r in records], [r["task"] for r in records]
+    return policy, reference, processor, batch, [r["answer"] for r in records], [r["task"] for r in records]
 
 
 def time_steps(args, device, policy, reference, processor, batch, answers, task_names, shared, impl):
@@ -112,7 +120,7 @@ def time_steps(args, device, policy, reference, processor, batch, answers, task_
     return {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}, peak_mib(device)
 
 
-def rollout_memory(args, device):
+def rollout_memory(args):
     """Peak memory of generating n responses to B recipe-like prompts in micro-batches of m prompts, each (B, m) in
     a fresh process (a freed heap would hide the next one's growth): it follows m, not B."""
     import subprocess
@@ -127,10 +135,11 @@ def rollout_memory(args, device):
                 print(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip(), flush=True)
 
 
-def rollout_one(args, device, prompts, micro):
+def rollout_one(args, dist, prompts, micro):
+    device = dist.device
     with tempfile.TemporaryDirectory() as root:
         args.prompts = prompts
-        policy, processor, batch, _, _ = build(args, device, root)
+        policy, _, processor, batch, _, _ = build(args, dist, root)
         tokenizer = processor.tokenizer
         peak_reset(device)
         base = peak_mib(device)
@@ -159,23 +168,23 @@ def main():
     parser.add_argument("--rollout-memory", action="store_true", help="only the rollout memory table")
     parser.add_argument("--rollout-batches", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--rollout-one", type=int, nargs=2, metavar=("B", "M"), help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="compute dtype, as ssrl.py")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE (bench/gpu_check.py reads it)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist = ssrl.compute_init(args.dtype)
+    device = dist.device
     if args.rollout_memory or args.rollout_one:
         args.shapes, args.max_new_tokens = "recipe", args.max_new_tokens or 60
-        return rollout_one(args, device, *args.rollout_one) if args.rollout_one else rollout_memory(args, device)
+        return rollout_one(args, dist, *args.rollout_one) if args.rollout_one else rollout_memory(args)
     impls = (args.impls or ("triton" if device.type == "cuda" else "torch")).split(",")
     print("| shapes | path | log-probs | prompt tokens | s/step | generate | reward | log-probs (old+ref) | update | "
           "passes | tokens/s | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    max_new_tokens = args.max_new_tokens
+    max_new_tokens, rows = args.max_new_tokens, []
     for shapes in (("recipe", "default") if args.shapes == "both" else (args.shapes,)):
         args.shapes, args.max_new_tokens = shapes, max_new_tokens or (60 if shapes == "recipe" else 48)
         with tempfile.TemporaryDirectory() as root:
-            policy, processor, batch, answers, task_names = build(args, device, root)
-            reference = copy.deepcopy(policy).eval().requires_grad_(False)
+            policy, reference, processor, batch, answers, task_names = build(args, dist, root)
             prompt_tokens = float(batch["attention_mask"].sum(1).float().mean())
             for path in args.paths.split(","):
                 for impl in impls:
@@ -186,7 +195,16 @@ def main():
                           f"{mean['time/generate']:.2f} | {mean['time/reward']:.3f} | {mean['time/logprobs']:.2f} | "
                           f"{mean['time/update']:.2f} | {passes:.2f} | {mean['tokens_per_second']:.0f} | "
                           f"{peak:.0f} |", flush=True)
+                    rows.append({"model": args.model, "shapes": shapes, "path": path, "impl": impl,
+                                 "prompt_tokens": prompt_tokens, "peak_mib": peak, **mean})
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
