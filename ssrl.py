@@ -488,6 +488,18 @@ def build_tiny(family="qwen2_5_vl", texts=None, seed=0):
     return model, processor
 
 
+def vision_attention(model, device):
+    """The vision tower on flash attention's variable-length kernel when it is installed (CUDA): one call per block
+    over all of a batch's images. Under SDPA, transformers runs the tower one attention window at a time: a 512-px
+    image is 25 windows of 8 x 8 patches, so 704 small attention calls per image per forward over Qwen2.5-VL's 28
+    windowed and 4 full-attention blocks (3,520 for a 5-image crop prompt), each too small to keep a GPU busy. The language model stays on SDPA:
+    the shared-prompt rows need its 4-D block mask, which flash attention does not take."""
+    import importlib.util
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        model.set_attn_implementation({"vision_config": "flash_attention_2"})
+    return model
+
+
 def load_model(args, dist, corpus=()):
     """(model, processor, family) for --model: a preset, a local folder (checkpoint) or a hub id. The policy is
     always fp32: these are the master weights the optimizer updates (bf16 compute comes from `shard`)."""
@@ -510,7 +522,7 @@ def load_model(args, dist, corpus=()):
             with torch.device(dist.device):
                 model = AutoModelForImageTextToText.from_config(real_config(name, processor.tokenizer, args.layers),
                                                                 dtype=dtype, attn_implementation="sdpa")
-            return model, processor, family
+            return vision_attention(model, dist.device), processor, family
         path = hub_id
     elif Path(name).exists():
         family, path = model_family(name), name
@@ -525,7 +537,7 @@ def load_model(args, dist, corpus=()):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}") from None
-    return model.to(dist.device), load_processor(path, family), family
+    return vision_attention(model.to(dist.device), dist.device), load_processor(path, family), family
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1283,7 +1295,8 @@ def load_reference(path, dist, offload=False):
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"GRPO reference model {path} is missing; restart the GRPO stage without --resume")
     reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dist.dtype, attn_implementation="sdpa")
-    reference = reference.to("cpu" if offload else dist.device).eval().requires_grad_(False)
+    reference = vision_attention(reference.to("cpu" if offload else dist.device), dist.device)
+    reference = reference.eval().requires_grad_(False)
     if dist.sharded:
         reference = shard(reference, dist.dtype, offload=offload)
     return reference

@@ -96,7 +96,7 @@ def build(args, dist, root):
                 ssrl.real_config(args.model, processor.tokenizer, args.layers), dtype=torch.float32,
                 attn_implementation="sdpa")
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    policy.to(device)
+    policy = ssrl.vision_attention(policy.to(device), device)
     reference = copy.deepcopy(policy).to(dist.dtype).eval().requires_grad_(False)
     if dist.sharded:
         policy, reference = ssrl.shard(policy, dist.dtype), ssrl.shard(reference, dist.dtype)
