@@ -119,7 +119,12 @@ def build_parser():
     add("--eval-per-task", type=int, default=200, help="held-out samples per task when the data is built")
     add("--image-size", type=int, default=512, help="longest image side when the data is built")
     add("--seed", type=int, default=1, help="seed for model init, data order and sampling (EasyR1 data.seed)")
-    # SFT cold start: LLaMA-Factory's recipe (spec 3.1), flag names as in TRL's SFTConfig with an sft- prefix
+    # SFT cold start: LLaMA-Factory's recipe (spec 3.1), flag names as in TRL's SFTConfig with an sft- prefix.
+    # Our choice: full fine-tuning of the language model, where the released config uses LoRA rank 128 (alpha 256)
+    # on its linear layers. The cold start only teaches the answer format (75 steps at lr 1e-5; "hardly improves
+    # spatial understanding", training.md); GRPO then updates every parameter with AdamW anyway, so a full-parameter
+    # SFT fits wherever GRPO fits (its optimizer is freed before GRPO), and it needs neither a LoRA implementation
+    # nor a merge step between the stages.
     add("--sft-learning-rate", type=float, default=1e-5, help="AdamW learning rate")
     add("--sft-num-train-epochs", type=float, default=5, help="epochs over the cold-start subset")
     add("--sft-lr-scheduler-type", choices=("cosine", "constant"), default="cosine", help="after warmup")
