@@ -180,6 +180,8 @@ def build_parser():
     add("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
         help="continue from CHECKPOINT, or from the newest complete one under --out when given alone")
     add("--logging-steps", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
+    add("--report-to", choices=("none", "tensorboard", "wandb"), default="none",
+        help="also send every metrics row to TensorBoard (OUT/tensorboard) or Weights & Biases (needs the package)")
     add("--ddp-timeout", type=int, default=3600, help="seconds a collective may wait (checkpoints of 7B gather ~100 GB "
         "of weights and Adam state to rank 0 while the others wait; torch's default is 600)")
     return p
@@ -1154,22 +1156,45 @@ def load_trainer_state(path, dist, model, optimizer=None, scheduler=None):
 
 
 class Metrics:
-    """OUT/metrics.jsonl, one JSON object per step (rank 0). On resume, rows past the resumed step are dropped."""
+    """OUT/metrics.jsonl, one JSON object per step (rank 0). On resume, rows past the resumed step are dropped.
+    --report-to tensorboard / wandb also sends each row's numbers there (the package is imported only then)."""
 
-    def __init__(self, out, dist, resume_stage=None, resume_step=None):
+    def __init__(self, out, dist, resume_stage=None, resume_step=None, report_to="none", config=None):
         self.path, self.enabled = Path(out) / "metrics.jsonl", dist.rank == 0
+        self.tensorboard = self.wandb = None
         if self.enabled and resume_stage and self.path.exists():
             order = ("sft", "grpo")
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             keep = [r for r in rows if "stage" not in r or (order.index(r["stage"]), r.get("step", 0)) <=
                     (order.index(resume_stage), resume_step)]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        if report_to == "tensorboard":     # imported on every rank, so that a missing package stops all of them
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tensorboard = SummaryWriter(Path(out) / "tensorboard") if self.enabled else None
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--report-to wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project="ssrl", dir=str(out), config=config, resume="allow") if self.enabled else None
 
     def log(self, row):
-        if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        numbers = {f"{row.get('stage', 'eval')}/{key}": value for key, value in row.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"}
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["step"])
 
 
 class Progress:
@@ -1459,7 +1484,7 @@ def run(args, dist):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if dist.sharded:
         model = shard(model, dist.dtype)
-    metrics = Metrics(args.out, dist, state and state["stage"], state and state["step"])
+    metrics = Metrics(args.out, dist, state and state["stage"], state and state["step"], args.report_to, vars(args))
     evaluations, sft_steps = {}, 0
     for stage in ("base", "sft", "grpo"):   # earlier evaluations of a resumed run
         path = Path(args.out) / f"eval-{stage}.json"

@@ -1085,16 +1085,6 @@ def _split_sources(items, seed, eval_share):
     return items[count:], items[:count]
 
 
-def _progress(done, total, start, final=False):
-    width = 30
-    filled = width * done // max(total, 1)
-    rate = done / max(time.time() - start, 1e-9)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} samples {rate:6.1f}/s")
-    if final:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
 def _write_atomic(path, lines):
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         handle.writelines(lines)
@@ -1165,7 +1155,8 @@ def build_dataset(out, rgb=None, rgbd=None, per_task=1000, eval_per_task=100, ta
             if sources[split]["rgbd" if task in DEPTH_TASKS else "rgb"] != []]
     records = {"train": [], "eval": []}
     counts = {split: Counter() for split in records}
-    last_shown = 0.0
+    from tqdm.auto import tqdm   # the same bar as ssrl.py's stages (tqdm comes with transformers)
+    bar = tqdm(total=len(jobs), desc="data", unit="sample", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     if workers > 1 and len(jobs) > 1:
         pool = multiprocessing.get_context("spawn").Pool(workers, _start_worker, (context,))
         results = pool.imap(_make_sample, jobs, chunksize=4 * len(tasks))
@@ -1179,10 +1170,9 @@ def build_dataset(out, rgb=None, rgbd=None, per_task=1000, eval_per_task=100, ta
             if record is not None:
                 records[split].append(json.dumps(record) + "\n")
                 counts[split][task] += 1
-            if progress and (time.time() - last_shown > 0.25 or done == len(jobs)):
-                last_shown = time.time()
-                _progress(done, len(jobs), start, final=done == len(jobs))
+            bar.update(1)
     finally:
+        bar.close()
         if pool is not None:
             pool.terminate()
     os.makedirs(out, exist_ok=True)

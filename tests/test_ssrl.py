@@ -231,3 +231,20 @@ def test_command_line_error_is_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown --model 'nope'")
     assert "Traceback" not in result.stderr
+
+
+def test_report_to_sends_every_row_and_a_missing_package_is_one_line(tmp_path, monkeypatch):
+    import types
+    logged = []
+    fake = types.SimpleNamespace(init=lambda **kwargs: types.SimpleNamespace(
+        log=lambda values, step: logged.append((step, values))))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
+    metrics = ssrl.Metrics(tmp_path, dist, report_to="wandb", config={"seed": 1})
+    metrics.log({"stage": "grpo", "step": 7, "reward": 0.5, "shared_prompt": 1.0, "note": "text"})
+    assert logged == [(7, {"grpo/reward": 0.5, "grpo/shared_prompt": 1.0})]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["reward"] == 0.5
+    monkeypatch.setitem(sys.modules, "wandb", None)           # not installed: import fails
+    with pytest.raises(ssrl.UserError, match="pip install wandb") as error:
+        ssrl.Metrics(tmp_path, dist, report_to="wandb")
+    assert "\n" not in str(error.value)
