@@ -203,7 +203,7 @@ def _sample(model, prompts, n, shared, kwargs):
     core.rope_deltas = None     # the prefill sets it (M-RoPE offset of the text after the images); none without images
     cache = model(**head, **images, use_cache=True, logits_to_keep=1).cache
     cache.batch_repeat_interleave(n)
-    deltas = core.rope_deltas if core.rope_deltas is not None else torch.zeros(len(head["input_ids"]), 1, dtype=torch.long)
+    deltas = core.rope_deltas if core.rope_deltas is not None else torch.zeros(len(head["input_ids"]), 1).long()
     core.rope_deltas = deltas.to(head["input_ids"].device).repeat_interleave(n, 0)
     repeated = {key: prompts[key].repeat_interleave(n, 0) for key in head}
     return model.generate(**repeated, cache=cache, **kwargs)[:, prompt_len:]
@@ -223,14 +223,15 @@ def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eo
     lengths = batch["attention_mask"].sum(1).cpu()                                            # [B]
     order = torch.argsort(lengths, descending=True, stable=True)                              # [B]
     pieces = []
-    for chunk in order.split(micro_batch_size or len(order)):
-        with gathered(model):
-            ids = _sample(model, _trim_left_padding(select_samples(batch, chunk)), n, shared_prompt, kwargs)  # [b*n, r]
-        # mask per call, before padding to a common width: the pad id may be an EOS id too (Qwen's <|endoftext|>)
-        is_eos = torch.isin(ids, torch.tensor(eos_ids, device=ids.device))                    # [b*n, r]
-        after_eos = (torch.cumsum(is_eos, 1) - is_eos.long()) > 0                             # [b*n, r]
-        rows = (chunk[:, None] * n + torch.arange(n)).reshape(-1)                             # [b*n]
-        pieces.append((rows, ids.masked_fill(after_eos, pad_token_id), (~after_eos).long(), ~is_eos.any(1)))
+    with gathered(model):
+        for chunk in order.split(micro_batch_size or len(order)):
+            prompts = _trim_left_padding(select_samples(batch, chunk))
+            ids = _sample(model, prompts, n, shared_prompt, kwargs)                           # [b*n, r]
+            # mask per call, before padding to a common width: the pad id may be an EOS id (Qwen's <|endoftext|>)
+            is_eos = torch.isin(ids, torch.tensor(eos_ids, device=ids.device))                # [b*n, r]
+            after_eos = (torch.cumsum(is_eos, 1) - is_eos.long()) > 0                         # [b*n, r]
+            rows = (chunk[:, None] * n + torch.arange(n)).reshape(-1)                         # [b*n]
+            pieces.append((rows, ids.masked_fill(after_eos, pad_token_id), (~after_eos).long(), ~is_eos.any(1)))
     width = max(ids.shape[1] for _, ids, _, _ in pieces)
     device = batch["input_ids"].device
     completion_ids = torch.full((len(order) * n, width), pad_token_id, dtype=torch.long, device=device)
@@ -277,8 +278,8 @@ def pack(model, rollouts, rows):
     """Model inputs for `rows` and where each response token's log-prob is read.
 
     A row is a prompt (its padding removed) followed by one or more of its responses, right-padded (with token 0,
-    never attended) to the longest row. One response per row is the stock path: a 2-D padding mask, and the model computes its M-RoPE positions.
-    Several (shared prompt): the mask is 4-D, True where query q may see key k:
+    never attended) to the longest row. One response per row is the stock path: a 2-D padding mask, and the model
+    computes its M-RoPE positions. Several (shared prompt): the mask is 4-D, True where query q may see key k:
         k <= q  and  (k in the prompt  or  k in q's own response)
     (padding queries see the prompt and earlier padding: a fully masked query row would give NaN in SDPA), and the
     positions are explicit: the prompt's own 3-D M-RoPE positions, then each response from the prompt's next
@@ -336,13 +337,14 @@ def pack(model, rollouts, rows):
     inputs = {"input_ids": input_ids.to(device), "mm_token_type_ids": token_types.to(device)}
     inputs.update({key: images[key] for key in ("pixel_values", "image_grid_thw") if key in images})
     if shared:
-        query, key = segment[:, :, None], segment[:, None, :]                                # [rows, L, 1], [rows, 1, L]
+        query, key = segment[:, :, None], segment[:, None, :]                                # [rows, L, L] below
         causal = torch.ones(width, width, dtype=torch.bool).tril()                           # [L, L]
         inputs["attention_mask"] = (causal & ((key == 0) | (key == query)))[:, None].to(device)   # [rows, 1, L, L]
         inputs["position_ids"] = positions.to(device)                                        # [3, rows, L]
     else:
         inputs["attention_mask"] = (segment >= 0).long().to(device)                          # [rows, L]
-    cat = lambda parts: torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)  # noqa: E731
+    def cat(parts):
+        return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)
     where = {"row": cat(where_row), "column": cat(where_col), "target": cat(targets), "sequence": cat(sequence_of),
              "token": cat(token_of)}
     return inputs, where

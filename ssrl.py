@@ -499,8 +499,9 @@ def vision_attention(model, device):
     """The vision tower on flash attention's variable-length kernel when it is installed (CUDA): one call per block
     over all of a batch's images. Under SDPA, transformers runs the tower one attention window at a time: a 512-px
     image is 25 windows of 8 x 8 patches, so 704 small attention calls per image per forward over Qwen2.5-VL's 28
-    windowed and 4 full-attention blocks (3,520 for a 5-image crop prompt), each too small to keep a GPU busy. The language model stays on SDPA:
-    the shared-prompt rows need its 4-D block mask, which flash attention does not take."""
+    windowed and 4 full-attention blocks (3,520 for a 5-image crop prompt), each too small to keep a GPU busy. The
+    language model stays on SDPA: the shared-prompt rows need its 4-D block mask, which flash attention does not
+    take."""
     import importlib.util
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         model.set_attn_implementation({"vision_config": "flash_attention_2"})
@@ -1172,14 +1173,16 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+                raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") \
+                    from None
             self.tensorboard = SummaryWriter(Path(out) / "tensorboard") if self.enabled else None
         elif report_to == "wandb":
             try:
                 import wandb
             except ImportError:
                 raise UserError("--report-to wandb needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project="ssrl", dir=str(out), config=config, resume="allow") if self.enabled else None
+            self.wandb = (wandb.init(project="ssrl", dir=str(out), config=config, resume="allow") if self.enabled
+                          else None)
 
     def log(self, row):
         if not self.enabled:
