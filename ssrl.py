@@ -1481,6 +1481,9 @@ def run(args, dist):
     if args.stage in ("all", "sft"):
         train = filter_records(processor, train, args.max_prompt_length, *sft_pixels, dist, "train")
     held_out = filter_records(processor, held_out, args.max_prompt_length, args.min_pixels, args.max_pixels, dist, "eval")
+    if args.ref_offload and dist.device.type != "cuda":
+        print0("note: --ref-offload does nothing without a GPU (the reference is in host memory already)", dist=dist)
+        args.ref_offload = False
     if args.ref_offload and not dist.sharded:
         raise UserError("--ref-offload needs a sharded reference: run under torchrun or with --dtype bf16")
     if args.gradient_checkpointing:   # non-reentrant: the variant FSDP2 supports
