@@ -874,8 +874,7 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
 # Evaluation
 
 def generate_greedy(model, processor, batch, max_new_tokens):
-    """Greedy completions [B, R] for an encoded prompt batch, through grpo's rollout function (temperature 0).
-    A sharded model must be gathered (grpo.gathered) around it."""
+    """Greedy completions [B, R] for an encoded prompt batch, through grpo's rollout function (temperature 0)."""
     tokenizer = processor.tokenizer
     completion_ids, _, _ = grpo.generate_completions(model, batch, 1, max_new_tokens, 0.0, 1.0,
                                                      tokenizer.eos_token_id, tokenizer.pad_token_id)
