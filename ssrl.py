@@ -1222,7 +1222,8 @@ class Progress:
 
 
 def plot_metrics(run_dir):
-    """RUN_DIR/metrics.jsonl -> RUN_DIR/metrics.png: one panel per figure, one line per stage."""
+    """RUN_DIR/metrics.jsonl -> RUN_DIR/metrics.png: one panel per figure, one line per stage (a colour each), and
+    the held-out accuracy per task after each stage (eval-<stage>.json) beside chance."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} does not exist")
@@ -1235,19 +1236,36 @@ def plot_metrics(run_dir):
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     keys = [k for k in ("loss", "reward", "accuracy", "format", "kl", "grad_norm", "learning_rate",
                         "completions/mean_length") if any(k in r for r in rows)]
-    columns = min(len(keys), 4) or 1
-    rows_of_panels = -(-len(keys) // columns) or 1
+    evaluations = {stage: json.loads((Path(run_dir) / f"eval-{stage}.json").read_text())
+                   for stage in ("base", "sft", "grpo") if (Path(run_dir) / f"eval-{stage}.json").is_file()}
+    panels = len(keys) + bool(evaluations)
+    columns = min(panels, 4) or 1
+    rows_of_panels = -(-panels // columns) or 1
     figure, axes = plt.subplots(rows_of_panels, columns, figsize=(4 * columns, 3.2 * rows_of_panels), squeeze=False)
-    for axis in axes.flat[len(keys):]:
+    colours = {"pretrain": "C2", "sft": "C0", "grpo": "C1", "base": "C7"}
+    for axis in axes.flat[panels:]:
         axis.axis("off")
     for axis, key in zip(axes.flat, keys):
         for stage in dict.fromkeys(r.get("stage", "") for r in rows):
             points = [(r["step"], r[key]) for r in rows if r.get("stage", "") == stage and key in r]
             if points:
-                axis.plot(*zip(*points), label=stage, linewidth=1)
+                axis.plot(*zip(*points), label=stage, linewidth=1, color=colours.get(stage))
         axis.set_title(key)
         axis.set_xlabel("step")
         axis.legend()
+    if evaluations:
+        axis = axes.flat[len(keys)]
+        names = [t for t in tasks.TASKS if any(t in e for e in evaluations.values())] + ["all"]
+        width = 0.8 / len(evaluations)
+        for i, (stage, results) in enumerate(evaluations.items()):
+            axis.bar([x + i * width for x in range(len(names))], [results.get(t, {}).get("accuracy", 0) for t in names],
+                     width, label=stage, color=colours[stage])
+        chance = [next(e[t]["chance"] for e in evaluations.values() if t in e) for t in names]
+        axis.scatter([x + 0.4 - width / 2 for x in range(len(names))], chance, marker="_", s=300, color="k",
+                     label="chance", zorder=3)
+        axis.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=30)
+        axis.set_title("held-out accuracy")
+        axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(Path(run_dir) / "metrics.png", dpi=100)
     plt.close(figure)
