@@ -1,18 +1,20 @@
 """Spatial-SSRL (arXiv 2510.27606) from scratch: self-supervised spatial pretext tasks, an SFT cold start, then GRPO.
 
 One file, in the order the data flows: flags -> compute init -> model, tokenizer and processor -> prompts ->
-cold-start answers -> SFT -> evaluation -> checkpoints and metrics -> main.
+the tiny base's perception pre-training -> SFT -> evaluation -> checkpoints and metrics -> GRPO loop -> main.
 
+    python ssrl.py                                 # the whole recipe on the tiny base (cold start, then GRPO)
     python ssrl.py --stage sft                     # CPU, minutes: build tiny data, eval, SFT cold start, eval
-    python ssrl.py                                 # the whole recipe (cold start, then GRPO)
     python ssrl.py --eval runs/ssrl/checkpoint-120 # greedy eval of a checkpoint on the held-out split
     python ssrl.py --eval CKPT --eval-tsv WhatsUp.tsv 3DSRBench.tsv   # VLMEvalKit-style multiple-choice TSVs
     python ssrl.py --plot runs/ssrl                # metrics.jsonl -> metrics.png (needs matplotlib)
     torchrun --nproc_per_node 8 ssrl.py --model qwen2.5-vl-7b --data data/spatial-ssrl-81k
     python ssrl.py --model qwen3-vl-4b --init random --stage sft   # real architecture, random weights (speed/memory)
+    python ssrl.py --stage pretrain                # remake checkpoints/tiny-qwen3-vl, the shipped tiny base
 
-Defaults are the paper's recipe (spec section 3); the tiny presets (`tiny-qwen2.5-vl`, the default, and
-`tiny-qwen3-vl`) replace some of them with `TINY_DEFAULTS` so that a 2-core CPU learns something in minutes.
+Defaults are the paper's recipe (spec section 3); the tiny presets (`tiny-qwen3-vl`, the default, which starts from
+the shipped base in checkpoints/, and `tiny-qwen2.5-vl`) replace some of them with `TINY_DEFAULTS` so that a 2-core
+CPU learns something in minutes.
 Everything a run writes goes under --out: metrics.jsonl, eval-<stage>.json, checkpoint-<step>/ folders that
 `AutoModelForImageTextToText.from_pretrained` loads as they are, and metrics.png.
 """
@@ -20,6 +22,7 @@ import argparse
 import base64
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -29,7 +32,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,24 +55,28 @@ PRESETS = {  # name -> (family, hub id); the tiny ones are built from a config i
     "qwen3-vl-4b": ("qwen3_vl", "Qwen/Qwen3-VL-4B-Instruct"),
 }
 
-# What the tiny presets change, and why: a 1.7M-parameter model from random init must train its vision tower (there
-# is nothing pretrained to keep frozen), needs a learning rate ~100x the recipe's, sees 112-px images (12-16 visual
-# tokens each) and can only afford a few thousand SFT examples on a CPU. From scratch it needs optimizer steps more
-# than examples (batch 16, not 32: the format is learnt within ~100 steps). 50 held-out prompts per task keep each
-# evaluation under ~20 s; the untrained base model never stops, so it always generates max_response_length tokens.
+# What the tiny presets change, and why: a 2M-parameter model, pre-trained on a CPU for perception only (--stage
+# pretrain), must train its vision tower (it is far from done), needs a learning rate ~100x the recipe's, sees 112-px
+# images (12-16 visual tokens each) and can only afford a few thousand SFT examples on a CPU. It needs optimizer
+# steps more than examples (batch 16, not 32: the format is learnt within ~100 steps). SFT lr 1e-3, a third of what
+# the from-scratch model used: its cold start must keep what the base sees (depth after it reached 0.54-0.58 in our
+# first two runs from a base; docs/tiny-model.md). 200 held-out prompts per task (a standard error of <= 0.035 on
+# an accuracy, against 0.07 with 50) take ~15 s to evaluate: the base answers briefly.
 TINY_DEFAULTS = dict(
-    data="data/tiny", per_task=1200, eval_per_task=50, image_size=112,
-    sft_learning_rate=3e-3, sft_num_train_epochs=1, sft_data_fraction=1.0, sft_global_batch_size=16,
+    data="data/tiny", per_task=1200, eval_per_task=200, image_size=112,
+    sft_learning_rate=1e-3, sft_num_train_epochs=1, sft_data_fraction=1.0, sft_global_batch_size=16,
     sft_micro_batch_size=16, sft_weight_decay=0.0, freeze_vision_tower=False, freeze_multi_modal_projector=False,
     sft_min_pixels=56 * 56, sft_max_pixels=128 * 128, min_pixels=56 * 56, max_pixels=128 * 128,
     max_prompt_length=1024, max_response_length=128, eval_batch_size=64, save_steps=200, gradient_checkpointing=False,
 )
 
 
-# GRPO on the tiny model: a learning rate 100x the recipe's (1e-4 was stable here, 3e-4 collapsed the format within
-# 40 steps; notes/env.md section 7), 16 prompts x 5 responses per step, one update per step.
+# GRPO on the tiny model: a learning rate 100x the recipe's (1e-4 was stable here; after cold starts from a base,
+# 3e-4 took depth from 0.85 to 0.49 at step 50 and 0.72 at 100, 5e-4 from 0.54 to 0.00 at 50), 16 prompts x 5 responses
+# per step, one update per step, 200 steps (~4 minutes on one core, 1.3 s a step: what the 10-minute default run
+# has room for; docs/tiny-model.md has what longer runs do).
 TINY_GRPO_DEFAULTS = dict(
-    max_steps=40, rollout_batch_size=16, global_batch_size=16, learning_rate=1e-4, weight_decay=0.0,
+    max_steps=200, rollout_batch_size=16, global_batch_size=16, learning_rate=1e-4, weight_decay=0.0,
     rollout_micro_batch_size=16, eval_steps=0, rollout_save_steps=20,
 )
 
@@ -98,15 +105,18 @@ class UserError(Exception):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--model", default="tiny-qwen2.5-vl", help=f"preset ({', '.join(PRESETS)}), a local model folder or a hub id")
+    add("--model", default="tiny-qwen3-vl", help=f"preset ({', '.join(PRESETS)}), a local model folder or a hub id; "
+        "a tiny preset starts from its perception base in checkpoints/ (see --stage pretrain)")
     add("--init", choices=("pretrained", "random"), default="pretrained",
-        help="random: build the preset's real architecture from its config with random weights (no download)")
+        help="random: build the preset's architecture from its config with random weights (no download; for a tiny "
+        "preset, the from-scratch model instead of its shipped base)")
     add("--layers", type=int, default=None, metavar="K", help="with --init random: only K decoder layers and K vision "
         "blocks at the preset's real widths (vocabulary, hidden size, heads, patch and merge sizes)")
     add("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on "
         "CPU); weights and optimizer state stay fp32, bf16 computes through FSDP2's mixed precision")
-    add("--stage", choices=("all", "sft", "grpo", "eval"), default="all",
-        help="all: eval base -> SFT -> GRPO -> eval; sft: eval -> SFT -> eval; grpo: GRPO on --model; eval: eval only")
+    add("--stage", choices=("all", "sft", "grpo", "eval", "pretrain"), default="all",
+        help="all: eval base -> SFT -> GRPO -> eval; sft: eval -> SFT -> eval; grpo: GRPO on --model; eval: eval only; "
+        "pretrain: a tiny preset's perception base from random init, into checkpoints/<preset> (or --out)")
     add("--eval", metavar="CHECKPOINT", help="shortcut for --stage eval --model CHECKPOINT")
     add("--eval-tsv", nargs="+", default=[], metavar="TSV",
         help="also score VLMEvalKit multiple-choice TSVs (index, question, A-D, answer, image as base64)")
@@ -179,6 +189,11 @@ def build_parser():
     add("--save-limit", type=int, default=3, help="keep the last K checkpoints")
     add("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
         help="continue from CHECKPOINT, or from the newest complete one under --out when given alone")
+    # perception pre-training of a tiny base (--stage pretrain); its phases are PRETRAIN_PHASES
+    add("--pretrain-batch-size", type=int, default=16, help="primitive questions per step")
+    add("--pretrain-scale", type=float, default=1.0, help="multiply every phase's steps (a quick look: 0.1)")
+    add("--pretrain-eval", type=int, default=270, help="held-out primitive questions (30 per kind)")
+    add("--pretrain-eval-steps", type=int, default=1500, help="evaluate the primitives every N steps")
     add("--logging-steps", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
     add("--report-to", choices=("none", "tensorboard", "wandb"), default="none",
         help="also send every metrics row to TensorBoard (OUT/tensorboard) or Weights & Biases (needs the package)")
@@ -219,8 +234,11 @@ def parse_args(argv=None):
 
 
 def is_tiny(model):
+    """A tiny preset, a tiny base written by --stage pretrain (its pretrain.json), or a checkpoint of either."""
     if model in PRESETS:
         return PRESETS[model][1] is None
+    if (Path(model) / "pretrain.json").is_file():
+        return True
     state = Path(model) / "trainer_state.json"
     return state.is_file() and bool(json.loads(state.read_text())["args"].get("tiny"))
 
@@ -514,9 +532,11 @@ def load_model(args, dist, corpus=()):
     from transformers import AutoModelForImageTextToText
     dtype = torch.float32
     name = args.model
+    if name in PRESETS and PRESETS[name][1] is None and args.init == "pretrained":
+        name = str(check_base(name))          # the shipped perception base: a model folder
     if name in PRESETS:
         family, hub_id = PRESETS[name]
-        if hub_id is None:
+        if hub_id is None:                    # --init random: the from-scratch tiny model
             model, processor = build_tiny(family, list(corpus), seed=args.seed)
             return model.to(dist.device), processor, family
         if args.init == "random":
@@ -543,18 +563,19 @@ def load_model(args, dist, corpus=()):
         raise UserError(f"unknown --model {name!r}: choose one of {', '.join(PRESETS)}, a model folder or a hub id")
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError) as error:
+        remake = next((f"; remake it with `{remake_command(p)}`" for p in PRESETS if name == str(shipped_base(p))), "")
+        raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}{remake}") from None
     return vision_attention(model.to(dist.device), dist.device), load_processor(path, family), family
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompts
 
-def chat_messages(problem):
+def chat_messages(problem, format_prompt=True):
     """One user turn: the question stripped plus the format prompt (tasks.make_prompt), an image at each <image>."""
     content = []
-    for i, text in enumerate(tasks.make_prompt(problem).split("<image>")):
+    for i, text in enumerate((tasks.make_prompt(problem) if format_prompt else problem).split("<image>")):
         if i:
             content.append({"type": "image"})
         if text:
@@ -562,8 +583,9 @@ def chat_messages(problem):
     return [{"role": "user", "content": content}]
 
 
-def prompt_text(processor, problem):
-    return processor.apply_chat_template(chat_messages(problem), tokenize=False, add_generation_prompt=True)
+def prompt_text(processor, problem, format_prompt=True):
+    return processor.apply_chat_template(chat_messages(problem, format_prompt), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def encode_prompts(processor, records, images, min_pixels, max_pixels):
@@ -578,7 +600,7 @@ def encode_prompts(processor, records, images, min_pixels, max_pixels):
         if record["problem"].count("<image>") != len(record_images):
             raise tasks.BadRecord(f"record {record.get('id')}: {record['problem'].count('<image>')} <image> "
                                   f"placeholders but {len(record_images)} images")
-        texts.append(prompt_text(processor, record["problem"]))
+        texts.append(prompt_text(processor, record["problem"], record.get("format_prompt", True)))
         flat.extend(record_images)
     batch = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt",
                       images_kwargs={"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}})
@@ -656,79 +678,7 @@ def stand_in(records, start=0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Cold-start answers, written by program from each sample's meta (the paper used an LVLM; its CoT quality "is not
-# important", spec 3.1). Each is a short true <think> naming the cues the task rests on, then the \boxed{} answer.
-
-def cold_start_response(record, rng):
-    """A <think>...</think> reasoning plus \\boxed{answer} for `record`, in one of several phrasings."""
-    think = COT_WRITERS[record["task"]](record["meta"], record["answer"], rng)
-    think = think[0].upper() + think[1:]
-    closing = rng.choice(("So the answer is ", "Answer: ", ""))
-    return f"<think>{think}</think> {closing}\\boxed{{{record['answer']}}}"
-
-
-def _shuffle_cot(meta, answer, rng):
-    rows, cols = meta["grid"]
-    labels = answer.split("-")                  # labels[k]: the patch that belongs at source position k
-    joins = [f"{labels[k]} left of {labels[k + 1]}" for k in range(rows * cols - 1) if (k + 1) % cols]
-    joins += [f"{labels[k]} above {labels[k + cols]}" for k in range(rows * cols - cols)]
-    joins = rng.sample(joins, min(3, len(joins)))
-    masked = f"patch {meta['masked']} is blank; " if meta.get("masked") is not None else ""
-    return rng.choice(("Edges continue across patches: {masked}{joins}.", "Matching lines and colours: {masked}{joins}.",
-                       "{masked}{joins}, by continuity.")).format(masked=masked, joins=", ".join(joins))
-
-
-def _flip_cot(meta, answer, rng):
-    label, direction = meta["flipped"], meta["direction"]
-    how = ("upside down", "mirrored left to right")[direction]
-    return rng.choice(("Patch {label} breaks continuity: it is {how}.", "Only patch {label} does not line up; it "
-                       "looks {how}.", "Patch {label} is {how}; the others continue smoothly.")).format(
-                           label=label, how=how)
-
-
-_CROP_DISTRACTORS = {"interior": "too close", "exterior_0.25": "too wide", "exterior_0.5": "far too wide",
-                     "rotate_cw": "turned clockwise", "rotate_ccw": "turned anticlockwise"}
-
-
-def _crop_cot(meta, answer, rng):
-    x, y, side, _ = meta["box"]
-    width, height = meta.get("size", [2 * side, 2 * side])
-    where = ("top" if y + side / 2 < height / 2 else "bottom") + " " + ("left" if x + side / 2 < width / 2 else "right")
-    wrong = [f"{'ABCD'[i]} is {_CROP_DISTRACTORS[name]}" for i, name in enumerate(meta["options"]) if name != "truth"]
-    rng.shuffle(wrong)
-    return rng.choice(("The hole is {where}; {answer} continues its edges. {wrong}.",
-                       "{wrong}. {answer} fits the {where} hole.",
-                       "Missing part: {where}. {wrong}; {answer} matches.")).format(
-                           where=where, answer=answer, wrong=", ".join(wrong))
-
-
-def _depth_cot(meta, answer, rng):
-    """Each region's depth band on its own (a judgement about one marker), then the labels sorted by it."""
-    near, mid, far = answer.split("-")           # labels from nearest to farthest
-    band = {near: "near", mid: "middle", far: "far"}
-    return rng.choice(("Region depths: {bands}. Near to far: {near}, {mid}, {far}.",
-                       "By ground contact and size, {bands}; so {near}, {mid}, {far}.",
-                       "Region {region_bands}. Sorted: {near}, {mid}, {far}.")).format(
-                           bands=", ".join(f"{label} {band[label]}" for label in "123"),
-                           region_bands=", region ".join(f"{label} is {band[label]}" for label in "123"),
-                           near=near, mid=mid, far=far)
-
-
-def _position_cot(meta, answer, rng):
-    camera, target = meta["camera_label"], 3 - meta["camera_label"]
-    facing = {"left": "left", "right": "right", "towards": "towards me", "away": "away from me"}[meta["facing"]]
-    side = "right" if meta["dx"] >= 0 else "left"
-    deeper = "farther" if meta["dd"] >= 0 else "nearer"
-    truth = meta["options"]["ABCD".index(answer)]
-    return rng.choice(("Camera at {camera} facing {facing}; {target} is {side} and {deeper}: {truth}.",
-                       "{target} lies {side} of {camera} and {deeper}; facing {facing} that is {truth}.",
-                       "From {camera} facing {facing}, {target} ({side}, {deeper}) is {truth}.")).format(
-                           camera=camera, target=target, facing=facing, side=side, deeper=deeper, truth=truth)
-
-
-COT_WRITERS = {"shuffle": _shuffle_cot, "flip": _flip_cot, "crop": _crop_cot, "depth": _depth_cot,
-               "position": _position_cot}
-
+# The tiny tokenizer's corpus
 
 def tokenizer_corpus(records, seed=0):
     """Texts the tiny tokenizer is trained on: the prompts and cold-start answers of the given records."""
@@ -737,8 +687,235 @@ def tokenizer_corpus(records, seed=0):
     for record in records:
         texts.append(record["problem"])
         for _ in range(3):
-            texts.append(cold_start_response(record, rng))
+            texts.append(tasks.cold_start_response(record, rng))
     return texts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Perception pre-training of the tiny base (--stage pretrain)
+#
+# The paper starts from a Qwen-VL that can already see. A tiny model from random init cannot tell where a 6-px
+# marker is, and a cold start on the pretext tasks alone never teaches it: every task stayed at chance and GRPO had
+# nothing to reinforce (docs/tiny-model.md). This stage gives the tiny model what a real VLM's pre-training gives:
+# tasks.PRIMITIVES (which marker, where, which is highest/lowest/leftmost/rightmost, is one above or left of another,
+# which option names a word), questions generated on the fly from rendered scenes, taught by SFT. What the probes
+# measured to make them learnable on one CPU core (bench/perceive.py, docs/tiny-model.md):
+# - Qwen3-VL's learnt absolute position embedding in the vision tower, initialised at std 0.5 instead of 0.02, so
+#   that an image token carries where it is; Qwen2.5-VL (2-D RoPE only, a translation-invariant tower) stayed at
+#   chance on "where" on scenes whatever else changed. Hence the default tiny preset is tiny-qwen3-vl;
+# - markers of radius 6-24 px first (a tiny model learns colour and position on big ones, then small ones), a
+#   curriculum (one marker on a plain background, then scenes, then several markers: all kinds at once from the
+#   start stayed at chance through 3,000 steps), lr 5e-4 with cosine decay (2e-3 and 3e-3 never left chance);
+# - then the depth task's look (3 markers of radius 6, 4-px gaps): 0.70-0.77 -> 0.90-0.97 on lowest/highest/
+#   leftmost/rightmost at that size;
+# - the option lookup, which the position task's letter needs (without it the cold start wrote the right direction
+#   in 60% of its reasonings and then the letter at chance), mixed with the comparisons: alone, it took ~750 steps
+#   to leave chance and the comparisons were forgotten (depth after the cold start 0.12 instead of 0.58). Mixed, it
+#   reaches ~0.47 on its own questions and does not yet carry over to the position prompt (docs/tiny-model.md);
+# - half the questions carry the cold start's format prompt, so that perception survives behind a long prompt.
+
+@dataclass
+class Phase:
+    """A stretch of pre-training: `steps` batches of questions drawn uniformly from `kinds` ("kind/n" asks with n
+    markers; a repeated kind weighs more), a plain background in `plain` of them, marker radius 6-`max_radius` px
+    (6 when None), comparisons by >= `min_gap` px. `learning_rate` starts a fresh AdamW with linear warmup and a
+    cosine to 0 over the phases up to the next one that sets it."""
+    steps: int
+    kinds: tuple
+    plain: float = 0.0
+    max_radius: int | None = None
+    min_gap: int = 8
+    learning_rate: float | None = None
+    warmup: int = 50
+
+
+_COMPARE = ("highest", "lowest", "leftmost", "rightmost")
+PRETRAIN_PHASES = (
+    Phase(600, ("which", "where/1"), plain=1.0, max_radius=24, learning_rate=5e-4, warmup=100),
+    Phase(900, ("which", "where/1", "where"), plain=0.5, max_radius=24),
+    Phase(1500, ("which", "where/1", "where", *_COMPARE, "above", "left"), plain=0.2, max_radius=24),
+    Phase(1500, (*(k + "/3" for k in _COMPARE), "where/3"), min_gap=4, learning_rate=5e-4),
+    Phase(3000, ("option",) * 4 + tuple(k + "/3" for k in _COMPARE), min_gap=4, learning_rate=1e-3),
+)
+PRETRAIN_POSITION_STD = 0.5
+PRETRAIN_EVAL_KINDS = ("which", "where", *_COMPARE, "above", "left", "option")
+
+
+def shipped_base(name):
+    """checkpoints/<tiny preset>: the preset's perception base, as --stage pretrain writes it."""
+    return Path(__file__).resolve().parent / "checkpoints" / name
+
+
+def remake_command(name):
+    return f"python ssrl.py --stage pretrain --model {name}"
+
+
+def check_base(name):
+    """The shipped base's folder, after checking that its weights are the ones pretrain.json recorded."""
+    path = shipped_base(name)
+    recipe, weights = path / "pretrain.json", path / "model.safetensors"
+    if not recipe.is_file() or not weights.is_file():
+        raise UserError(f"no perception base for {name} in {path}: make it with `{remake_command(name)}` "
+                        "(~35 CPU-minutes), or start from random weights with --init random")
+    try:
+        expected = json.loads(recipe.read_text())["sha256"]
+    except (ValueError, KeyError):
+        expected = None
+    if expected != file_sha256(weights):
+        raise UserError(f"the perception base in {path} is corrupted (its weights do not match pretrain.json): "
+                        f"restore it with `git checkout -- {path}` or remake it with `{remake_command(name)}`")
+    return path
+
+
+def file_sha256(path):
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def primitive_examples(rng, phase, count):
+    """`count` (record, image) pairs of the phase's kinds; half the records ask with the format prompt."""
+    out = []
+    for _ in range(count):
+        kind, _, markers = rng.choice(phase.kinds).partition("/")
+        sample = tasks.primitive_sample(rng, kind, 112, 6, phase.max_radius, rng.random() < phase.plain,
+                                        phase.min_gap, int(markers) if markers else None)
+        record = {"task": "primitive", "problem": sample.problem, "answer": sample.answer, "meta": sample.meta,
+                  "format_prompt": rng.random() < 0.5}
+        out.append((record, sample.images[0]))
+    return out
+
+
+def pretrain_corpus(seed):
+    """The base's tokenizer corpus: every pretext prompt and cold-start answer of a small build, and primitives."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        tasks.build_dataset(root, per_task=100, eval_per_task=1, seed=seed, max_side=112, progress=False)
+        corpus = tokenizer_corpus(tasks.load_records(root, "train"), seed)
+    rng = random.Random(f"{seed}:corpus")
+    for kind in PRETRAIN_EVAL_KINDS:
+        for _ in range(40):
+            sample = tasks.primitive_sample(rng, kind, 112, 6, 24, rng.random() < 0.5)
+            record = {"task": "primitive", "answer": sample.answer, "meta": sample.meta}
+            corpus += [sample.problem, tasks.cold_start_response(record, rng)]
+    return corpus
+
+
+@torch.no_grad()
+def evaluate_primitives(model, processor, held_out, batch_size=60, max_new_tokens=32):
+    """Greedy held-out accuracy per primitive kind (and all), asked with the format prompt as the cold start asks."""
+    model.eval()
+    right = defaultdict(list)
+    for start in range(0, len(held_out), batch_size):
+        chunk = held_out[start:start + batch_size]
+        batch = encode_prompts(processor, [r for r, _ in chunk], [[image] for _, image in chunk], 56 * 56, 128 * 128)
+        texts = processor.tokenizer.batch_decode(generate_greedy(model, processor, batch, max_new_tokens),
+                                                 skip_special_tokens=True)
+        for (record, _), text in zip(chunk, texts):
+            right[record["meta"]["kind"]].append(tasks.reward(text, record["answer"])["accuracy"])
+    model.train()
+    results = {kind: sum(v) / len(v) for kind, v in right.items()}
+    results["all"] = sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values())
+    return results
+
+
+def primitive_held_out(seed, count):
+    """`count` held-out primitives at the tasks' marker size (radius 6), the kinds in turn, on scenes."""
+    rng = random.Random(f"{seed}:pretrain-eval")
+    out = []
+    for index in range(count):
+        sample = tasks.primitive_sample(rng, PRETRAIN_EVAL_KINDS[index % len(PRETRAIN_EVAL_KINDS)], 112, 6)
+        out.append(({"task": "primitive", "problem": sample.problem, "answer": sample.answer, "meta": sample.meta},
+                    sample.images[0]))
+    return out
+
+
+def pretrain(args, dist):
+    """Build a tiny model from random init, teach it the perception primitives (PRETRAIN_PHASES), and save it as a
+    from_pretrained folder: weights, tokenizer, processor, and pretrain.json (recipe, held-out accuracy per kind,
+    the weights' sha256, the command that remakes it)."""
+    from transformers import AutoModelForImageTextToText, get_cosine_schedule_with_warmup
+    if dist.world > 1:
+        raise UserError("--stage pretrain runs in one process")
+    if args.model not in PRESETS or PRESETS[args.model][1] is not None:
+        raise UserError("--stage pretrain builds a tiny preset's base: --model tiny-qwen3-vl or tiny-qwen2.5-vl")
+    family = PRESETS[args.model][0]
+    default_out = args.out == build_parser().get_default("out")
+    out = shipped_base(args.model) if default_out else Path(args.out)
+    run_dir = Path("runs") / f"pretrain-{args.model}" if default_out else out.parent / f"pretrain-{out.name}"
+    started, cpu_started = time.perf_counter(), time.process_time()
+    corpus = pretrain_corpus(args.seed)
+    processor = build_tiny_processor(family, corpus)
+    torch.manual_seed(args.seed)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family, processor.tokenizer),
+                                                    attn_implementation="sdpa")
+    if family == "qwen3_vl":     # an image token should know where it is from the start
+        with torch.no_grad():
+            model.model.visual.pos_embed.weight.normal_(0.0, PRETRAIN_POSITION_STD)
+    rng = random.Random(f"{args.seed}:pretrain")
+    held_out = primitive_held_out(args.seed, args.pretrain_eval)
+    phases = [replace(p, steps=max(1, round(p.steps * args.pretrain_scale))) for p in PRETRAIN_PHASES]
+    steps = sum(phase.steps for phase in phases)
+    metrics = Metrics(run_dir, dist, report_to=args.report_to, config=vars(args))    # metrics.jsonl, as every stage
+    print0(f"pretrain: {steps} steps of {args.pretrain_batch_size} primitive questions, "
+           f"{sum(p.numel() for p in model.parameters()):,} parameters", dist=dist)
+    progress = Progress(steps, 0, "pretrain", dist)
+    history, step = [], 0
+    model.train()
+    for index, phase in enumerate(phases):
+        if phase.learning_rate:
+            span = phase.steps + sum(p.steps for p in itertools.takewhile(lambda p: not p.learning_rate,
+                                                                          phases[index + 1:]))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=phase.learning_rate, weight_decay=0.0)
+            scheduler = get_cosine_schedule_with_warmup(optimizer, min(phase.warmup, span // 2), span)
+        for _ in range(phase.steps):
+            step += 1
+            batch = primitive_examples(rng, phase, args.pretrain_batch_size)
+            records, images = [r for r, _ in batch], [[image] for _, image in batch]
+            prompts = encode_prompts(processor, records, images, 56 * 56, 128 * 128)
+            ids, mask = encode_responses(processor.tokenizer, [tasks.cold_start_response(r, rng) for r in records])
+            logp = grpo.response_logprobs(model, prompts, ids, mask)
+            loss = -(logp * mask).sum() / mask.sum()
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = {"stage": "pretrain", "step": step, "phase": index, "loss": loss.item(),
+                   "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+            if step % args.pretrain_eval_steps == 0 or step == steps:
+                results = evaluate_primitives(model, processor, held_out)
+                row.update({f"eval/{kind}": value for kind, value in results.items()})
+                history.append({"step": step, **results})
+                progress.bar.write(f"pretrain step {step} ({time.perf_counter() - started:.0f} s): held-out accuracy "
+                                   + " ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            metrics.log(row)
+            progress.update(row, every=args.logging_steps)
+    progress.close()
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    temp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(temp, ignore_errors=True)
+    model.save_pretrained(temp, safe_serialization=True)
+    processor.save_pretrained(temp)
+    recipe = {"tiny": True, "model": args.model, "seed": args.seed, "steps": steps,
+              "batch_size": args.pretrain_batch_size, "phases": [vars(phase) for phase in phases],
+              "position_embedding_std": PRETRAIN_POSITION_STD if family == "qwen3_vl" else None,
+              "wall_seconds": round(seconds), "cpu_seconds": round(cpu), "threads": torch.get_num_threads(),
+              "held_out": history[-1], "chance": tasks.PRIMITIVE_CHANCE, "history": history,
+              "sha256": file_sha256(temp / "model.safetensors"),
+              "command": remake_command(args.model) + (f" --seed {args.seed}" if args.seed != 1 else "")
+              + (f" --pretrain-scale {args.pretrain_scale}" if args.pretrain_scale != 1 else "")}
+    (temp / "pretrain.json").write_text(json.dumps(recipe, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(temp, out)
+    plot_metrics(run_dir)
+    print0(f"base written to {out} ({seconds / 60:.1f} min wall, {cpu / 60:.1f} CPU-min); held-out accuracy: "
+           + " ".join(f"{k} {v:.2f} (chance {tasks.PRIMITIVE_CHANCE[k]:.2f})" for k, v in history[-1].items()
+                      if k in tasks.PRIMITIVE_CHANCE) + f", all {history[-1]['all']:.2f}", dist=dist)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -821,7 +998,7 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
                 record, record_images = stand_in(examples)
                 kept, images, weight = [record], [record_images], 0.0
             # the phrasing depends on (seed, step, example) only: same data whatever the number of ranks, and on resume
-            responses = [cold_start_response(r, random.Random(f"{args.seed}-{step}-{r['id']}")) for r in kept]
+            responses = [tasks.cold_start_response(r, random.Random(f"{args.seed}-{step}-{r['id']}")) for r in kept]
             prepared.append((kept, images, responses, weight))
         local_tokens = 0
         encoded = []
@@ -1482,6 +1659,9 @@ def run(args, dist):
     transformers_logging.disable_progress_bar()   # "Writing model shards" bars at each save
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.stage == "pretrain":
+        pretrain(args, dist)
+        return
     resume = resolve_resume(args)
     if args.stage == "eval" and args.eval_tsv and not has_dataset(args.data):
         train, held_out = [], []     # only the TSV benchmarks
@@ -1491,7 +1671,7 @@ def run(args, dist):
     if resume:
         print0(f"resuming from {resume} ({state['stage']} step {state['step']})", dist=dist)
         args.model = str(resume)
-    tiny_build = args.model in PRESETS and (PRESETS[args.model][1] is None or args.init == "random")
+    tiny_build = args.model in PRESETS and args.init == "random"
     sample = random.Random(args.seed).sample(train, min(len(train), 2000)) if tiny_build else []
     model, processor, family = load_model(args, dist, corpus=tokenizer_corpus(sample, args.seed))
     sft_pixels = (args.sft_min_pixels, args.sft_max_pixels)

@@ -752,6 +752,227 @@ def position_task(image, depth, mask, rng, facing_weights=None, kind=None):
     return Sample("position", "<image>" + problem, LETTERS[options.index(truth)], [out], meta)
 
 # ---------------------------------------------------------------------------------------------------------------
+# Cold-start answers, written by program from each sample's meta (the paper used an LVLM; its CoT quality "is not
+# important", spec 3.1). Each is a short true <think> naming the cues the task rests on, then the \boxed{} answer.
+# The depth and position reasonings state where the markers sit in the image in the very sentences the tiny
+# base's perception pre-training answers ("The lowest marker is 2.", "B is option ...": PRIMITIVES below): a
+# cold start can only teach a model to reason from what it can already see, and in those words it can. Written
+# without them (a depth band per region, or "target is left and farther") the tiny base's depth stayed at chance
+# after the cold start (0.16-0.20, chance 0.167); with them it reached 0.54-0.58 (docs/tiny-model.md).
+
+def cold_start_response(record, rng):
+    """A <think>...</think> reasoning plus \\boxed{answer} for `record`, in one of several phrasings."""
+    think = COT_WRITERS[record["task"]](record["meta"], record["answer"], rng)
+    think = think[0].upper() + think[1:]
+    closing = rng.choice(("So the answer is ", "Answer: ", ""))
+    return f"<think>{think}</think> {closing}\\boxed{{{record['answer']}}}"
+
+
+def _shuffle_cot(meta, answer, rng):
+    rows, cols = meta["grid"]
+    labels = answer.split("-")                  # labels[k]: the patch that belongs at source position k
+    joins = [f"{labels[k]} left of {labels[k + 1]}" for k in range(rows * cols - 1) if (k + 1) % cols]
+    joins += [f"{labels[k]} above {labels[k + cols]}" for k in range(rows * cols - cols)]
+    joins = rng.sample(joins, min(3, len(joins)))
+    masked = f"patch {meta['masked']} is blank; " if meta.get("masked") is not None else ""
+    return rng.choice(("Edges continue across patches: {masked}{joins}.", "Matching lines and colours: {masked}{joins}.",
+                       "{masked}{joins}, by continuity.")).format(masked=masked, joins=", ".join(joins))
+
+
+def _flip_cot(meta, answer, rng):
+    label, direction = meta["flipped"], meta["direction"]
+    how = ("upside down", "mirrored left to right")[direction]
+    return rng.choice(("Patch {label} breaks continuity: it is {how}.", "Only patch {label} does not line up; it "
+                       "looks {how}.", "Patch {label} is {how}; the others continue smoothly.")).format(
+                           label=label, how=how)
+
+
+_CROP_DISTRACTORS = {"interior": "too close", "exterior_0.25": "too wide", "exterior_0.5": "far too wide",
+                     "rotate_cw": "turned clockwise", "rotate_ccw": "turned anticlockwise"}
+
+
+def _crop_cot(meta, answer, rng):
+    x, y, side, _ = meta["box"]
+    width, height = meta.get("size", [2 * side, 2 * side])
+    where = ("top" if y + side / 2 < height / 2 else "bottom") + " " + ("left" if x + side / 2 < width / 2 else "right")
+    wrong = [f"{'ABCD'[i]} is {_CROP_DISTRACTORS[name]}" for i, name in enumerate(meta["options"]) if name != "truth"]
+    rng.shuffle(wrong)
+    return rng.choice(("The hole is {where}; {answer} continues its edges. {wrong}.",
+                       "{wrong}. {answer} fits the {where} hole.",
+                       "Missing part: {where}. {wrong}; {answer} matches.")).format(
+                           where=where, answer=answer, wrong=", ".join(wrong))
+
+
+def _extreme(labels, points, kind):
+    """The label of the marker that is `kind` (lowest/highest/leftmost/rightmost) in the image."""
+    axis, sign = {"lowest": (1, -1), "highest": (1, 1), "leftmost": (0, 1), "rightmost": (0, -1)}[kind]
+    return min(zip(labels, points), key=lambda pair: sign * pair[1][axis])[0]
+
+
+def _depth_cot(meta, answer, rng):
+    """The lowest and the highest marker in the image (lower in a photo is usually nearer), then the labels sorted
+    by depth, which the answer gives and the image cues only suggest."""
+    near, mid, far = answer.split("-")           # labels from nearest to farthest
+    labels, points = (1, 2, 3), meta["centres"]
+    return rng.choice(("{low_fact} {high_fact} Near to far: {near}, {mid}, {far}.",
+                       "{low_fact} {high_fact} So near to far is {near}, {mid}, {far}.",
+                       "{low_fact} {high_fact} By ground contact: {near}, {mid}, {far}.")).format(
+        low_fact=f"The lowest marker is {_extreme(labels, points, 'lowest')}.",
+        high_fact=f"The highest marker is {_extreme(labels, points, 'highest')}.", near=near, mid=mid, far=far)
+
+
+def _position_cot(meta, answer, rng):
+    """Which marker is leftmost and which highest in the image (the lateral and, roughly, the depth cue), the
+    camera's view, then which option names that direction."""
+    camera, target = meta["camera_label"], 3 - meta["camera_label"]
+    points = {camera: meta["camera"], target: meta["target"]}
+    labels = (1, 2)
+    facing = {"left": "left", "right": "right", "towards": "towards me", "away": "away from me"}[meta["facing"]]
+    truth = meta["options"][LETTERS.index(answer)]
+    return rng.choice(("{left} {high} Facing {facing} from {camera}, {target} is {truth}. {truth} is option {answer}.",
+                       "{left} {high} From {camera} facing {facing}, {target} is {truth}. {truth} is option {answer}.",
+                       "{left} {high} Camera {camera} faces {facing}: {target} is {truth}. {truth} is option {answer}."
+                       )).format(
+        left=f"The leftmost marker is {_extreme(labels, [points[1], points[2]], 'leftmost')}.",
+        high=f"The highest marker is {_extreme(labels, [points[1], points[2]], 'highest')}.",
+        facing=facing, camera=camera, target=target, truth=truth, answer=answer)
+
+
+def _primitive_cot(meta, answer, rng):
+    return meta["think"]
+
+
+COT_WRITERS = {"shuffle": _shuffle_cot, "flip": _flip_cot, "crop": _crop_cot, "depth": _depth_cot,
+               "position": _position_cot, "primitive": _primitive_cot}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Perception primitives: what a real VLM's pre-training already gives and the pretext tasks rest on (which marker
+# is drawn, where it is, which is highest/lowest/leftmost/rightmost, is one above or left of another, which option
+# of a list names a word), asked about labelled markers drawn on rendered scenes. They pre-train the tiny base
+# (`ssrl.py --stage pretrain`); none is a pretext task's question, and each answer is computed from the drawn
+# centres that `meta` keeps (primitive_answer re-derives it).
+
+PRIMITIVES = {
+    "which": "Which marker is in the image?",
+    "where": "Where is marker {a}?",
+    "highest": "Which marker is highest in the image?",
+    "lowest": "Which marker is lowest in the image?",
+    "leftmost": "Which marker is leftmost in the image?",
+    "rightmost": "Which marker is rightmost in the image?",
+    "above": "Is marker {a} above marker {b}?",
+    "left": "Is marker {a} left of marker {b}?",
+    "option": "Which option is {word}? {options}",
+}
+OPTION_WORDS = ("Left", "Right", "Front", "Back", "Left-Front", "Right-Front", "Right-Back", "Left-Back", "Up", "Down",
+                "Near", "Far", "Red", "Green", "Blue", "Top", "Bottom")
+GRID_ROWS, GRID_COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")
+PRIMITIVE_CHANCE = {"which": 1 / 3, "where": 1 / 9, "highest": 5 / 12, "lowest": 5 / 12, "leftmost": 5 / 12,
+                    "rightmost": 5 / 12, "above": 1 / 2, "left": 1 / 2, "option": 1 / 4}   # 2 or 3 markers: 5/12
+
+
+def _place_markers(rng, count, width, height, radius, tries=20):
+    """`count` centres wholly inside the image and >= 2.2 radii apart (as the depth task spaces them), or None."""
+    points = []
+    for _ in range(tries * count):
+        x, y = rng.randrange(radius + 1, width - radius - 1), rng.randrange(radius + 1, height - radius - 1)
+        if all((x - a) ** 2 + (y - b) ** 2 >= (2.2 * radius) ** 2 for a, b in points):
+            points.append((x, y))
+            if len(points) == count:
+                return points
+    return None
+
+
+def primitive_sample(rng, kind, width=112, radius=6, max_radius=None, plain=False, min_gap=8, count=None):
+    """One perception question about 1-3 labelled markers on a rendered scene (or a plain colour if `plain`).
+
+    The marker radius is drawn from [radius, max_radius] when max_radius is given: a tiny model from random init
+    learns colour and position on large markers first, then on the tasks' small ones. Comparisons need a gap of
+    >= min_gap px between the compared coordinates; "where" answers a 3x3 grid cell ("top left" ... "bottom right")
+    with the centre >= min_gap / 2 px from the cell borders. `count` markers (default: 1 for "which", 1-3 for
+    "where", 2-3 for the comparisons). "option" asks which letter of four shuffled words names one of them (the
+    multiple-choice reading that the position task's answer needs), over a scene without markers.
+    """
+    height = max(MIN_PATCH, round(width * 3 / 4))
+    if max_radius:
+        radius = rng.randint(radius, max_radius)
+    image = (Image.new("RGB", (width, height), tuple(rng.randrange(60, 200) for _ in range(3))) if plain
+             else render_scene(rng, width, height)[0])
+    if kind == "option":
+        words, pick = rng.sample(OPTION_WORDS, 4), rng.randrange(4)
+        options = " ".join(f"{LETTERS[i]}. {word}" for i, word in enumerate(words))
+        meta = {"kind": kind, "words": words, "size": [width, height], "plain": plain,
+                "think": f"{words[pick]} is option {LETTERS[pick]}."}
+        return Sample("primitive", "<image>" + PRIMITIVES[kind].format(word=words[pick], options=options),
+                      LETTERS[pick], [image], meta)
+    if kind == "which":
+        count = 1
+    elif count is None:
+        count = rng.choice((1, 2, 3)) if kind == "where" else rng.choice((2, 3))
+    labels = rng.sample((1, 2, 3), count)
+    while True:
+        points = _place_markers(rng, count, width, height, radius)
+        if points is None:                      # too crowded for this radius: shrink it
+            radius = max(2, radius - 2)
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        if kind == "which":
+            answer, think, question = str(labels[0]), f"It is marker {labels[0]}.", PRIMITIVES[kind]
+        elif kind == "where":
+            i = rng.randrange(count)
+            fx, fy = xs[i] * 3 / width, ys[i] * 3 / height
+            if min(abs(fx - 1), abs(fx - 2)) * width / 3 < min_gap / 2 or \
+                    min(abs(fy - 1), abs(fy - 2)) * height / 3 < min_gap / 2:
+                continue
+            answer = f"{GRID_ROWS[int(fy)]} {GRID_COLUMNS[int(fx)]}"
+            think, question = f"Marker {labels[i]} is at the {answer}.", PRIMITIVES[kind].format(a=labels[i])
+        elif kind in ("highest", "lowest", "leftmost", "rightmost"):
+            values = ys if kind in ("highest", "lowest") else xs
+            order = sorted(range(count), key=values.__getitem__, reverse=kind in ("lowest", "rightmost"))
+            if abs(values[order[0]] - values[order[1]]) < min_gap:
+                continue
+            answer, question = str(labels[order[0]]), PRIMITIVES[kind]
+            think = f"The {kind} marker is {answer}."
+        else:                                   # above / left: a yes-no comparison of two labels
+            i, j = rng.sample(range(count), 2)
+            values = ys if kind == "above" else xs
+            if abs(values[i] - values[j]) < min_gap:
+                continue
+            yes = values[i] < values[j]
+            relation = {"above": ("above", "below"), "left": ("left of", "right of")}[kind][0 if yes else 1]
+            answer, question = ("yes" if yes else "no"), PRIMITIVES[kind].format(a=labels[i], b=labels[j])
+            think = f"Marker {labels[i]} is {relation} marker {labels[j]}."
+        break
+    draw = ImageDraw.Draw(image)
+    for point, label in zip(points, labels):
+        _draw_marker(draw, point, label, radius)
+    meta = {"kind": kind, "labels": labels, "centres": [list(p) for p in points], "radius": radius,
+            "size": [width, height], "plain": plain, "think": think}
+    return Sample("primitive", "<image>" + question, answer, [image], meta)
+
+
+def primitive_answer(meta, problem):
+    """Re-derive a primitive's answer from its meta and question (the tests' audit); None when ambiguous."""
+    kind = meta["kind"]
+    if kind == "option":
+        word = re.match(r"<image>Which option is (\S+)\?", problem).group(1)
+        return LETTERS[meta["words"].index(word)]
+    labels, (width, height) = meta["labels"], meta["size"]
+    xs, ys = ([c[i] for c in meta["centres"]] for i in (0, 1))
+    asked = [int(d) for d in re.findall(r"marker (\d)", problem)]
+    if kind == "which":
+        return str(labels[0])
+    if kind == "where":
+        i = labels.index(asked[0])
+        return f"{GRID_ROWS[int(ys[i] * 3 / height)]} {GRID_COLUMNS[int(xs[i] * 3 / width)]}"
+    if kind in ("highest", "lowest", "leftmost", "rightmost"):
+        values = ys if kind in ("highest", "lowest") else xs
+        best = (min if kind in ("highest", "leftmost") else max)(values)
+        return str(labels[values.index(best)]) if values.count(best) == 1 else None
+    i, j = labels.index(asked[0]), labels.index(asked[1])
+    values = ys if kind == "above" else xs
+    return None if values[i] == values[j] else ("yes" if values[i] < values[j] else "no")
+
+# ---------------------------------------------------------------------------------------------------------------
 # Reward (spec section 2: EasyR1 `img_score` with mathruler's `extract_boxed_content`). Same results as those
 # regexes, rewritten so adversarial responses cost linear time: `\s*(<|>|/)\s*` and `<think>.*</think>.*\\boxed\{.*\}.*`
 # backtrack quadratically on long runs of spaces or repeated tags.

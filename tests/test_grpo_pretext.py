@@ -1,7 +1,7 @@
 """GRPO on the real pretext tasks lifts a cold start that was stopped early (issue 6, item 7a).
 
 A tiny Qwen2.5-VL from ssrl.build_tiny (random init, BPE trained on the records) is SFT'd on ssrl's programmatic
-cold start (ssrl.cold_start_response) for procedural samples of all five tasks (tasks.build_dataset at 64 px), and
+cold start (tasks.cold_start_response) for procedural samples of all five tasks (tasks.build_dataset at 64 px), and
 stopped as soon as a quarter of its sampled answers to probe prompts have the "<think>..</think> \\boxed{}" format
 (40-65 steps). GRPO_STEPS of grpo.grpo_step (recipe clips, dual clip, k3 KL 0.01, 2 updates per step, tasks.reward)
 must then raise the held-out format rate and mean reward by far more than the seeds differ. Accuracy stays near
@@ -59,7 +59,7 @@ def cold_start(model, processor, train, seed):
         records = rng.sample(train, SFT_BATCH)
         batch = encode(processor, records)
         completion_ids, completion_mask = ssrl.encode_responses(
-            processor.tokenizer, [ssrl.cold_start_response(record, rng) for record in records])
+            processor.tokenizer, [tasks.cold_start_response(record, rng) for record in records])
         logp = grpo.response_logprobs(model, batch, completion_ids, completion_mask)
         loss = -(logp * completion_mask).sum() / completion_mask.sum()
         loss.backward()
@@ -100,13 +100,13 @@ def run(seed, train, held_out_records):
 
 
 # Measured (1 thread, shared prompts, the other core busy; held-out format rate / mean reward / accuracy over
-# 40 prompts x 4 samples):
-#   seed 0: format 0.24 -> 0.85, reward 0.086 -> 0.141, accuracy 0.069 -> 0.062 (65 SFT steps, 29 s)
-#   seed 1: format 0.36 -> 0.92, reward 0.076 -> 0.182, accuracy 0.044 -> 0.100 (60 SFT steps, 27 s)
-#   seed 2: format 0.30 -> 0.87, reward 0.086 -> 0.143, accuracy 0.062 -> 0.062 (45 SFT steps, 22 s)
-# Format gains +0.56..+0.61 against a spread over seeds of 0.06 before and 0.04 after; reward gains +0.06..+0.11
-# against 0.005 before. With the advantages negated (the docstring's second command) seed 0 goes the other way:
-# format 0.24 -> 0.00, reward 0.086 -> 0.000.
+# 40 prompts x 4 samples), with the cold start's depth and position reasonings in the tiny base's words:
+#   seed 0: format 0.23 -> 0.60, reward 0.067 -> 0.133, accuracy 0.050 -> 0.081 (65 SFT steps, 28 s)
+#   seed 1: format 0.23 -> 0.68, reward 0.051 -> 0.141, accuracy 0.031 -> 0.081 (55 SFT steps, 24 s)
+#   seed 2: format 0.23 -> 0.87, reward 0.062 -> 0.177, accuracy 0.044 -> 0.100 (50 SFT steps, 22 s)
+# Format gains +0.37..+0.64 from the same 0.23 in all three; reward gains +0.07..+0.12 against a spread of 0.016
+# before. With the advantages negated (the docstring's second command) seed 0 goes the other way: format
+# 0.23 -> 0.00, reward 0.067 -> 0.000.
 # One seed runs in CI; the others are the measurement of the spread.
 SEED = 1
 
@@ -116,9 +116,9 @@ def test_grpo_lifts_an_early_stopped_cold_start(tmp_path):
     torch.set_num_threads(1)
     before, after, metrics = run(SEED, *build_data(tmp_path / "data"))
     assert 0.1 <= before["format"] <= 0.5                           # stopped early: the format is half-learnt
-    assert after["format"] - before["format"] >= 0.4                # 10x the spread over seeds
-    assert after["reward"] - before["reward"] >= 0.04
-    assert after["format"] >= 0.7 and metrics["num_skipped_updates"] == 0
+    assert after["format"] - before["format"] >= 0.3                # every seed gained more (+0.37..+0.64)
+    assert after["reward"] - before["reward"] >= 0.04               # 2.5x the spread before
+    assert after["format"] >= 0.6 and metrics["num_skipped_updates"] == 0
 
 
 if __name__ == "__main__":
