@@ -756,7 +756,7 @@ def check_base(name):
     recipe, weights = path / "pretrain.json", path / "model.safetensors"
     if not recipe.is_file() or not weights.is_file():
         raise UserError(f"no perception base for {name} in {path}: make it with `{remake_command(name)}` "
-                        "(~35 CPU-minutes), or start from random weights with --init random")
+                        "(~30 CPU-minutes), or start from random weights with --init random")
     try:
         expected = json.loads(recipe.read_text())["sha256"]
     except (ValueError, KeyError):
