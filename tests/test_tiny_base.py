@@ -78,7 +78,7 @@ def test_shipped_base_loads_and_sees():
     comparisons = [results[kind] for kind in ("lowest", "highest", "leftmost", "rightmost")]
     assert sum(comparisons) / 4 > tasks.PRIMITIVE_CHANCE["lowest"] + 0.3 and min(comparisons) > 0.6, results
     recipe = json.loads((ssrl.shipped_base("tiny-qwen3-vl") / "pretrain.json").read_text())
-    assert recipe["command"].startswith("python ssrl.py --stage pretrain --model tiny-qwen3-vl")
+    assert recipe["command"] == "python ssrl.py --stage pretrain --model tiny-qwen3-vl"
     assert recipe["sha256"] == ssrl.file_sha256(ssrl.shipped_base("tiny-qwen3-vl") / "model.safetensors")
 
 
