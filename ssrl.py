@@ -531,9 +531,9 @@ def load_model(args, dist, corpus=()):
     always fp32: these are the master weights the optimizer updates (bf16 compute comes from `shard`)."""
     from transformers import AutoModelForImageTextToText
     dtype = torch.float32
-    name = args.model
-    if name in PRESETS and PRESETS[name][1] is None and args.init == "pretrained":
-        name = str(check_base(name))          # the shipped perception base: a model folder
+    name, remake = args.model, ""
+    if name in PRESETS and PRESETS[name][1] is None and args.init == "pretrained":   # the shipped base: a folder
+        name, remake = str(check_base(name)), f"; remake it with `{remake_command(name)}`"
     if name in PRESETS:
         family, hub_id = PRESETS[name]
         if hub_id is None:                    # --init random: the from-scratch tiny model
@@ -564,7 +564,6 @@ def load_model(args, dist, corpus=()):
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, RuntimeError) as error:
-        remake = next((f"; remake it with `{remake_command(p)}`" for p in PRESETS if name == str(shipped_base(p))), "")
         raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}{remake}") from None
     return vision_attention(model.to(dist.device), dist.device), load_processor(path, family), family
 
@@ -699,13 +698,13 @@ def tokenizer_corpus(records, seed=0):
 # nothing to reinforce (docs/tiny-model.md). This stage gives the tiny model what a real VLM's pre-training gives:
 # tasks.PRIMITIVES (which marker, where, which is highest/lowest/leftmost/rightmost, is one above or left of another,
 # which option names a word), questions generated on the fly from rendered scenes, taught by SFT. What the probes
-# measured to make them learnable on one CPU core (bench/perceive.py, docs/tiny-model.md):
+# measured to make them learnable on one CPU core (docs/tiny-model.md, section 2):
 # - Qwen3-VL's learnt absolute position embedding in the vision tower, initialised at std 0.5 instead of 0.02, so
 #   that an image token carries where it is; Qwen2.5-VL (2-D RoPE only, a translation-invariant tower) stayed at
 #   chance on "where" on scenes whatever else changed. Hence the default tiny preset is tiny-qwen3-vl;
 # - markers of radius 6-24 px first (a tiny model learns colour and position on big ones, then small ones), a
 #   curriculum (one marker on a plain background, then scenes, then several markers: all kinds at once from the
-#   start stayed at chance through 3,000 steps), lr 5e-4 with cosine decay (2e-3 and 3e-3 never left chance);
+#   start stayed at chance through 3,000 steps), lr 5e-4 with cosine decay (2e-3 never left chance);
 # - then the depth task's look (3 markers of radius 6, 4-px gaps): 0.70-0.77 -> 0.90-0.97 on lowest/highest/
 #   leftmost/rightmost at that size;
 # - the option lookup, which the position task's letter needs (without it the cold start wrote the right direction
@@ -776,6 +775,12 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
+def primitive_record(sample, format_prompt=True):
+    """A tasks.primitive_sample as a record (the image stays in memory) and its image."""
+    return ({"task": "primitive", "problem": sample.problem, "answer": sample.answer, "meta": sample.meta,
+             "format_prompt": format_prompt}, sample.images[0])
+
+
 def primitive_examples(rng, phase, count):
     """`count` (record, image) pairs of the phase's kinds; half the records ask with the format prompt."""
     out = []
@@ -783,9 +788,7 @@ def primitive_examples(rng, phase, count):
         kind, _, markers = rng.choice(phase.kinds).partition("/")
         sample = tasks.primitive_sample(rng, kind, 112, 6, phase.max_radius, rng.random() < phase.plain,
                                         phase.min_gap, int(markers) if markers else None)
-        record = {"task": "primitive", "problem": sample.problem, "answer": sample.answer, "meta": sample.meta,
-                  "format_prompt": rng.random() < 0.5}
-        out.append((record, sample.images[0]))
+        out.append(primitive_record(sample, rng.random() < 0.5))
     return out
 
 
@@ -799,8 +802,7 @@ def pretrain_corpus(seed):
     for kind in PRETRAIN_EVAL_KINDS:
         for _ in range(40):
             sample = tasks.primitive_sample(rng, kind, 112, 6, 24, rng.random() < 0.5)
-            record = {"task": "primitive", "answer": sample.answer, "meta": sample.meta}
-            corpus += [sample.problem, tasks.cold_start_response(record, rng)]
+            corpus += [sample.problem, tasks.cold_start_response(primitive_record(sample)[0], rng)]
     return corpus
 
 
@@ -825,19 +827,15 @@ def evaluate_primitives(model, processor, held_out, batch_size=60, max_new_token
 def primitive_held_out(seed, count):
     """`count` held-out primitives at the tasks' marker size (radius 6), the kinds in turn, on scenes."""
     rng = random.Random(f"{seed}:pretrain-eval")
-    out = []
-    for index in range(count):
-        sample = tasks.primitive_sample(rng, PRETRAIN_EVAL_KINDS[index % len(PRETRAIN_EVAL_KINDS)], 112, 6)
-        out.append(({"task": "primitive", "problem": sample.problem, "answer": sample.answer, "meta": sample.meta},
-                    sample.images[0]))
-    return out
+    kinds = PRETRAIN_EVAL_KINDS
+    return [primitive_record(tasks.primitive_sample(rng, kinds[i % len(kinds)], 112, 6)) for i in range(count)]
 
 
 def pretrain(args, dist):
     """Build a tiny model from random init, teach it the perception primitives (PRETRAIN_PHASES), and save it as a
     from_pretrained folder: weights, tokenizer, processor, and pretrain.json (recipe, held-out accuracy per kind,
     the weights' sha256, the command that remakes it)."""
-    from transformers import AutoModelForImageTextToText, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
     if dist.world > 1:
         raise UserError("--stage pretrain runs in one process")
     if args.model not in PRESETS or PRESETS[args.model][1] is not None:
@@ -847,11 +845,7 @@ def pretrain(args, dist):
     out = shipped_base(args.model) if default_out else Path(args.out)
     run_dir = Path("runs") / f"pretrain-{args.model}" if default_out else out.parent / f"pretrain-{out.name}"
     started, cpu_started = time.perf_counter(), time.process_time()
-    corpus = pretrain_corpus(args.seed)
-    processor = build_tiny_processor(family, corpus)
-    torch.manual_seed(args.seed)
-    model = AutoModelForImageTextToText.from_config(tiny_config(family, processor.tokenizer),
-                                                    attn_implementation="sdpa")
+    model, processor = build_tiny(family, pretrain_corpus(args.seed), seed=args.seed)
     if family == "qwen3_vl":     # an image token should know where it is from the start
         with torch.no_grad():
             model.model.visual.pos_embed.weight.normal_(0.0, PRETRAIN_POSITION_STD)

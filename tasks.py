@@ -826,15 +826,15 @@ def _position_cot(meta, answer, rng):
     camera's view, then which option names that direction."""
     camera, target = meta["camera_label"], 3 - meta["camera_label"]
     points = {camera: meta["camera"], target: meta["target"]}
-    labels = (1, 2)
+    labels, points = (1, 2), [points[1], points[2]]
     facing = {"left": "left", "right": "right", "towards": "towards me", "away": "away from me"}[meta["facing"]]
     truth = meta["options"][LETTERS.index(answer)]
     return rng.choice(("{left} {high} Facing {facing} from {camera}, {target} is {truth}. {truth} is option {answer}.",
                        "{left} {high} From {camera} facing {facing}, {target} is {truth}. {truth} is option {answer}.",
                        "{left} {high} Camera {camera} faces {facing}: {target} is {truth}. {truth} is option {answer}."
                        )).format(
-        left=f"The leftmost marker is {_extreme(labels, [points[1], points[2]], 'leftmost')}.",
-        high=f"The highest marker is {_extreme(labels, [points[1], points[2]], 'highest')}.",
+        left=f"The leftmost marker is {_extreme(labels, points, 'leftmost')}.",
+        high=f"The highest marker is {_extreme(labels, points, 'highest')}.",
         facing=facing, camera=camera, target=target, truth=truth, answer=answer)
 
 
