@@ -9,6 +9,18 @@ is the depth task's question plus the format prompt (134 text tokens with the ti
 <think> and \\boxed{1} or \\boxed{2}. Trained like the cold start (ssrl's SFT path, AdamW, batch 16, constant lr),
 greedy held-out accuracy is printed every --every steps (chance 0.5). This isolates the two skills the depth task
 needs, colour (which marker is label 1) and position (where it is), from everything else.
+
+    OMP_NUM_THREADS=1 python -m bench.probe --model tiny-qwen3-vl --question lookup --learning-rate 1e-3 \\
+        --steps 2000 --every 250 --eval 200
+    ... --layout filler --max-filler 12           # the options 10-12 words back instead
+    ... --layers 6 --rope-theta 1e6                # a deeper language model, Qwen's rope_theta
+    ... --steps 4000 --curriculum 1500             # 1,500 steps with the options near first, then far
+
+"lookup" isolates the last step of the position task's answer: four shuffled words as options A-D, then either
+the position prompt's own closing text, the format prompt and a reasoning ("position"), or 10..--max-filler random
+prompt words ("filler"), then "<word> is option" and the letter to predict (trained and scored on that one token,
+argmax over A-D, chance 0.25). Text only, so it measures the language model alone: its layers, its rope_theta, and
+whether it needs the lookup near before it learns it far (docs/tiny-model.md section 3).
 """
 import argparse
 import random
@@ -17,6 +29,8 @@ import time
 
 import torch
 from PIL import Image, ImageDraw
+
+from transformers import AutoModelForImageTextToText
 
 import grpo
 import ssrl
@@ -40,9 +54,80 @@ def probe_sample(rng, question):
     return image, answer
 
 
+def lookup_sample(rng, tokenizer, layout, max_filler):
+    """(token ids, index of the answer letter): find the option letter of a word among four, far back."""
+    words, pick = rng.sample(tasks.OPTION_WORDS, 4), rng.randrange(4)
+    options = " ".join(f"{tasks.LETTERS[i]}. {word}" for i, word in enumerate(words))
+    if layout == "position":
+        ignore = " and ignore the height difference between the two regions" if rng.random() < 0.5 else ""
+        think = rng.choice(("Facing {f} from {c}, {t} is {w}.", "From {c} facing {f}, {t} is {w}.",
+                            "Camera {c} faces {f}: {t} is {w}.")).format(
+            f=rng.choice(("left", "right", "towards me", "away from me")), c=rng.choice("12"), t=rng.choice("12"),
+            w=words[pick])
+        text = (f"Where is the region marker '2'? {options}. Consider cues such as depth, orientation, and 3D spatial "
+                f"relationship{ignore}. The final answer should be chosen from 'A', 'B', 'C', and 'D'."
+                f"{tasks.FORMAT_PROMPT}<|im_end|>\n<|im_start|>assistant\n<think>The leftmost marker is "
+                f"{rng.choice('12')}. The highest marker is {rng.choice('12')}. {think} {words[pick]} is option")
+    else:
+        words_pool = tasks._POSITION.replace("{", "").replace("}", "").split()
+        filler = " ".join(rng.choice(words_pool) for _ in range(rng.randint(10, max_filler)))
+        text = f"Where is it? {options}. {filler}. {words[pick]} is option"
+    return tokenizer(text, add_special_tokens=False)["input_ids"], pick
+
+
+def lookup(args, model, processor):
+    """Train and score the option lookup on the last token's logits over the letters A-D."""
+    tokenizer = processor.tokenizer
+    letters = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"][-1] for letter in tasks.LETTERS]
+    rng, held_rng = random.Random(args.seed), random.Random(args.seed + 1)
+    held_out = [lookup_sample(held_rng, tokenizer, args.layout, args.max_filler) for _ in range(args.eval)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+
+    def logits(samples):                          # left-padded, so the last position is every row's query
+        width = max(len(ids) for ids, _ in samples)
+        ids = torch.full((len(samples), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for row, (tokens, _) in enumerate(samples):
+            ids[row, width - len(tokens):], mask[row, width - len(tokens):] = torch.tensor(tokens), 1
+        return model(input_ids=ids, attention_mask=mask).logits[:, -1, letters]
+
+    @torch.no_grad()
+    def accuracy():
+        model.eval()
+        right = sum((logits(held_out[k:k + 50]).argmax(-1) == torch.tensor([p for _, p in held_out[k:k + 50]]))
+                    .sum().item() for k in range(0, len(held_out), 50))
+        model.train()
+        return right / len(held_out)
+
+    lengths = [len(ids) for ids, _ in held_out]
+    print(f"lookup, {args.layout}: {min(lengths)}-{max(lengths)} tokens, {args.layers or 3} layers, rope_theta "
+          f"{args.rope_theta or 10:g}; step 0 accuracy {accuracy():.2f} (chance 0.25)", flush=True)
+    started = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = args.learning_rate * min(1.0, step / 100)
+        layout, max_filler = ("filler", 12) if step <= args.curriculum else (args.layout, args.max_filler)
+        batch = [lookup_sample(rng, tokenizer, layout, max_filler) for _ in range(args.batch)]
+        loss = torch.nn.functional.cross_entropy(logits(batch), torch.tensor([p for _, p in batch]))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.every == 0:
+            print(f"step {step} ({time.perf_counter() - started:.0f} s): loss {loss.item():.3f} "
+                  f"accuracy {accuracy():.2f}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--question", choices=("colour", "row"), default="colour")
+    p.add_argument("--question", choices=("colour", "row", "lookup"), default="colour")
+    p.add_argument("--layout", choices=("position", "filler"), default="position", help="lookup: what separates "
+                   "the options from the word to look up")
+    p.add_argument("--max-filler", type=int, default=90, help="lookup --layout filler: at most this many words")
+    p.add_argument("--curriculum", type=int, default=0, help="lookup: train the first N steps with the options "
+                   "10-12 words back (scored on --layout throughout)")
+    p.add_argument("--layers", type=int, default=None, help="language-model layers (tiny: 3)")
+    p.add_argument("--rope-theta", type=float, default=None, help="the language model's rope_theta (tiny: 10)")
     p.add_argument("--model", choices=("tiny-qwen2.5-vl", "tiny-qwen3-vl"), default="tiny-qwen2.5-vl")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--every", type=int, default=100)
@@ -57,11 +142,16 @@ def main():
     rng = random.Random(args.seed)
     problem = "<image>" + tasks._DEPTH
     response = "<think>Looking at the marker.</think> \\boxed{{{}}}"
-    held_out = [probe_sample(rng, args.question) for _ in range(args.eval)]
     with tempfile.TemporaryDirectory() as root:   # the tokenizer the default run trains: on real task samples
         tasks.build_dataset(root, per_task=100, eval_per_task=1, seed=args.seed, max_side=112, progress=False)
         corpus = ssrl.tokenizer_corpus(tasks.load_records(root, "train"), args.seed)
-    model, processor = ssrl.build_tiny(ssrl.PRESETS[args.model][0], corpus, seed=args.seed)
+    processor = ssrl.build_tiny_processor(ssrl.PRESETS[args.model][0], corpus)
+    config = ssrl.tiny_config(ssrl.PRESETS[args.model][0], processor.tokenizer)
+    text = config.text_config
+    text.num_hidden_layers = args.layers or text.num_hidden_layers
+    text.rope_parameters["rope_theta"] = args.rope_theta or text.rope_parameters["rope_theta"]
+    torch.manual_seed(args.seed)
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
     if args.lm_init_std:
         # At 0.02 the tiny LM's attention logits start near 0: attention is uniform and an image token's state does
         # not depend on where it sits. At ~0.15 the random RoPE-dependent attention over the fixed system-prompt
@@ -70,6 +160,9 @@ def main():
             for module in model.model.language_model.modules():
                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                     module.weight.normal_(0.0, args.lm_init_std)
+    if args.question == "lookup":
+        return lookup(args, model, processor)
+    held_out = [probe_sample(rng, args.question) for _ in range(args.eval)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     pixels = (56 * 56, 128 * 128)
 

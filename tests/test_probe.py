@@ -1,5 +1,6 @@
 """bench/probe.py's labels: its conclusions are only as good as the answers it trains on."""
 import random
+import re
 
 import numpy as np
 
@@ -30,3 +31,22 @@ def test_row_answer_is_the_half_the_marker_is_in():
         assert (ys.max() < image.height / 2) if answer == "1" else (ys.min() >= image.height / 2)
         answers.append(answer)
     assert 10 < answers.count("1") < 40
+
+
+def test_lookup_answer_is_the_letter_of_the_word_asked():
+    """The lookup's label is the letter printed before the word that the text ends by asking about, in both layouts,
+    and the answers are spread over the four letters (no position shortcut)."""
+    from transformers import AutoTokenizer
+
+    from bench.probe import lookup_sample
+    import ssrl
+    tokenizer = AutoTokenizer.from_pretrained(ssrl.shipped_base("tiny-qwen3-vl"))
+    rng, picks = random.Random(2), []
+    for layout in ("position", "filler"):
+        for _ in range(100):
+            ids, pick = lookup_sample(rng, tokenizer, layout, 90)
+            text = tokenizer.decode(ids)
+            word = text.rsplit(" is option", 1)[0].split()[-1]
+            assert re.search(rf"{'ABCD'[pick]}\. {re.escape(word)}[ .]", text.split(" is option")[0]), text
+            picks.append(pick)
+    assert all(picks.count(k) > 25 for k in range(4))
