@@ -102,13 +102,22 @@ def lookup(args, model, processor):
     lengths = [len(ids) for ids, _ in held_out]
     print(f"lookup, {args.layout}: {min(lengths)}-{max(lengths)} tokens, {args.layers or 3} layers, rope_theta "
           f"{args.rope_theta or 10:g}; step 0 accuracy {accuracy():.2f} (chance 0.25)", flush=True)
-    started = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        for group in optimizer.param_groups:
+
+    def step_loss(step):
+        for group in optimizer.param_groups:            # 100 warmup steps
             group["lr"] = args.learning_rate * min(1.0, step / 100)
         layout, max_filler = ("filler", 12) if step <= args.curriculum else (args.layout, args.max_filler)
         batch = [lookup_sample(rng, tokenizer, layout, max_filler) for _ in range(args.batch)]
-        loss = torch.nn.functional.cross_entropy(logits(batch), torch.tensor([p for _, p in batch]))
+        return torch.nn.functional.cross_entropy(logits(batch), torch.tensor([p for _, p in batch]))
+
+    train(args, model, optimizer, step_loss, accuracy)
+
+
+def train(args, model, optimizer, step_loss, accuracy):
+    """--steps AdamW steps on step_loss(step), gradients clipped at 1.0; held-out accuracy every --every steps."""
+    started = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        loss = step_loss(step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -183,20 +192,14 @@ def main():
 
     length = len(processor.tokenizer(ssrl.prompt_text(processor, problem))["input_ids"]) - 1
     print(f"{args.model}, {args.question}: prompt of {length} text tokens + 12 visual tokens; step 0 accuracy {accuracy():.2f}", flush=True)
-    started = time.perf_counter()
-    for step in range(1, args.steps + 1):
+
+    def step_loss(step):
         batch = [probe_sample(rng, args.question) for _ in range(args.batch)]
-        prompts = encode(batch)
         ids, mask = ssrl.encode_responses(processor.tokenizer, [response.format(answer) for _, answer in batch])
-        logp = grpo.response_logprobs(model, prompts, ids, mask)
-        loss = -(logp * mask).sum() / mask.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % args.every == 0:
-            print(f"step {step} ({time.perf_counter() - started:.0f} s): loss {loss.item():.3f} "
-                  f"accuracy {accuracy():.2f}", flush=True)
+        logp = grpo.response_logprobs(model, encode(batch), ids, mask)
+        return -(logp * mask).sum() / mask.sum()
+
+    train(args, model, optimizer, step_loss, accuracy)
 
 
 if __name__ == "__main__":
