@@ -64,8 +64,8 @@ def lookup_sample(rng, tokenizer, layout, max_filler):
                             "Camera {c} faces {f}: {t} is {w}.")).format(
             f=rng.choice(("left", "right", "towards me", "away from me")), c=rng.choice("12"), t=rng.choice("12"),
             w=words[pick])
-        text = (f"Where is the region marker '2'? {options}. Consider cues such as depth, orientation, and 3D spatial "
-                f"relationship{ignore}. The final answer should be chosen from 'A', 'B', 'C', and 'D'."
+        closing = tasks._POSITION.split("{options}")[1].format(ignore=ignore)    # the position prompt's own end
+        text = (f"Where is the region marker '2'? {options}{closing}"
                 f"{tasks.FORMAT_PROMPT}<|im_end|>\n<|im_start|>assistant\n<think>The leftmost marker is "
                 f"{rng.choice('12')}. The highest marker is {rng.choice('12')}. {think} {words[pick]} is option")
     else:

@@ -101,7 +101,7 @@ def test_missing_or_corrupted_base_is_one_line_naming_the_remake_command(tmp_pat
 
 
 def test_pretrain_stage_writes_a_base_the_recipe_trains_from(tmp_path):
-    """A 40-step --stage pretrain writes a from_pretrained folder (weights, tokenizer, processor, pretrain.json
+    """A 38-step --stage pretrain writes a from_pretrained folder (weights, tokenizer, processor, pretrain.json
     whose sha256 matches); --model on that folder gets the tiny defaults and runs the cold start from it."""
     ssrl.main(["--stage", "pretrain", "--pretrain-scale", "0.005", "--pretrain-eval", "9", "--out",
                str(tmp_path / "base")])
