@@ -755,10 +755,12 @@ def position_task(image, depth, mask, rng, facing_weights=None, kind=None):
 # Cold-start answers, written by program from each sample's meta (the paper used an LVLM; its CoT quality "is not
 # important", spec 3.1). Each is a short true <think> naming the cues the task rests on, then the \boxed{} answer.
 # The depth and position reasonings state where the markers sit in the image in the very sentences the tiny
-# base's perception pre-training answers ("The lowest marker is 2.", "B is option ...": PRIMITIVES below): a
-# cold start can only teach a model to reason from what it can already see, and in those words it can. Written
-# without them (a depth band per region, or "target is left and farther") the tiny base's depth stayed at chance
-# after the cold start (0.16-0.20, chance 0.167); with them it reached 0.54-0.58 (docs/tiny-model.md).
+# base's perception pre-training answers ("The lowest marker is 2.", "A. Left, no. B. Back, yes.": PRIMITIVES
+# below): a cold start can only teach a model to reason from what it can already see, and in those words it can.
+# Written without them (a depth band per region, or "target is left and farther") the tiny base's depth stayed at
+# chance after the cold start (0.16-0.20, chance 0.167); with them it reached 0.54-0.58, and 0.82 from the shipped
+# base, whose position reasoning reads its options in order (scan_options): 0.43 against chance 0.25
+# (docs/tiny-model.md).
 
 def cold_start_response(record, rng):
     """A <think>...</think> reasoning plus \\boxed{answer} for `record`, in one of several phrasings."""
@@ -829,13 +831,26 @@ def _position_cot(meta, answer, rng):
     labels, points = (1, 2), [points[1], points[2]]
     facing = {"left": "left", "right": "right", "towards": "towards me", "away": "away from me"}[meta["facing"]]
     truth = meta["options"][LETTERS.index(answer)]
-    return rng.choice(("{left} {high} Facing {facing} from {camera}, {target} is {truth}. {truth} is option {answer}.",
-                       "{left} {high} From {camera} facing {facing}, {target} is {truth}. {truth} is option {answer}.",
-                       "{left} {high} Camera {camera} faces {facing}: {target} is {truth}. {truth} is option {answer}."
+    return rng.choice(("{left} {high} Facing {facing} from {camera}, {target} is {truth}. {scan}",
+                       "{left} {high} From {camera} facing {facing}, {target} is {truth}. {scan}",
+                       "{left} {high} Camera {camera} faces {facing}: {target} is {truth}. {scan}"
                        )).format(
         left=f"The leftmost marker is {_extreme(labels, points, 'leftmost')}.",
         high=f"The highest marker is {_extreme(labels, points, 'highest')}.",
-        facing=facing, camera=camera, target=target, truth=truth, answer=answer)
+        facing=facing, camera=camera, target=target, truth=truth, scan=scan_options(meta["options"], truth))
+
+
+def scan_options(options, word):
+    """Read the options in order up to the one that is `word`: "A. Left, no. B. Back, yes." Each step copies the
+    word that follows a letter in the prompt (the lookup a small transformer learns first: find the token, copy
+    what comes next) and compares it with the word just written; the answer is then the letter 3 tokens back.
+    "Back is option B." asks the opposite lookup (find the word, copy the letter before it). With the options
+    100-150 tokens back, the tiny 3-layer LM learnt that one to 0.41 in 2,500 steps from random init (0.27 from
+    a base, chance 0.25), and this reading to 0.77 (`python -m bench.probe --question lookup --answer scan`,
+    docs/tiny-model.md)."""
+    stop = options.index(word)
+    return " ".join(f"{LETTERS[i]}. {option}, {'yes' if i == stop else 'no'}."
+                    for i, option in enumerate(options[:stop + 1]))
 
 
 def _primitive_cot(meta, answer, rng):
@@ -862,12 +877,16 @@ PRIMITIVES = {
     "above": "Is marker {a} above marker {b}?",
     "left": "Is marker {a} left of marker {b}?",
     "option": "Which option is {word}? {options}",
+    "choice": "Is marker {a} {axis} marker {b}? {options}. Look at where both markers are drawn in the image. The "
+              "final answer should be chosen from 'A', 'B', 'C', and 'D'.",
 }
 OPTION_WORDS = ("Left", "Right", "Front", "Back", "Left-Front", "Right-Front", "Right-Back", "Left-Back", "Up", "Down",
                 "Near", "Far", "Red", "Green", "Blue", "Top", "Bottom")
+_CHOICE_AXES = (("to the left or the right of", ("Left", "Right")), ("above or below", ("Up", "Down")))
 GRID_ROWS, GRID_COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")
 PRIMITIVE_CHANCE = {"which": 1 / 3, "where": 1 / 9, "highest": 5 / 12, "lowest": 5 / 12, "leftmost": 5 / 12,
-                    "rightmost": 5 / 12, "above": 1 / 2, "left": 1 / 2, "option": 1 / 4}   # 2 or 3 markers: 5/12
+                    "rightmost": 5 / 12, "above": 1 / 2, "left": 1 / 2, "option": 1 / 4, "choice": 1 / 4}
+#                   (the comparisons ask about 2 or 3 markers: (1/2 + 1/3) / 2 = 5/12)
 
 
 def _place_markers(rng, count, width, height, radius, tries=20):
@@ -890,7 +909,11 @@ def primitive_sample(rng, kind, width=112, radius=6, max_radius=None, plain=Fals
     >= min_gap px between the compared coordinates; "where" answers a 3x3 grid cell ("top left" ... "bottom right")
     with the centre >= min_gap / 2 px from the cell borders. `count` markers (default: 1 for "which", 1-3 for
     "where", 2-3 for the comparisons). "option" asks which letter of four shuffled words names one of them (the
-    multiple-choice reading that the position task's answer needs), over a scene without markers.
+    multiple-choice reading that the position task's answer needs), over a scene without markers; "choice" asks it
+    where the position task needs it: whether marker a is left/right of (or above/below) marker b, among four
+    options ~100 tokens back, past a closing sentence and the format prompt, the word found in the reasoning and
+    the options read in order up to it ("The leftmost marker is 2. The highest marker is 1. From 2, 1 is Right.
+    A. Up, no. B. Right, yes."), as the position reasoning reads them (scan_options, docs/tiny-model.md).
     """
     height = max(MIN_PATCH, round(width * 3 / 4))
     if max_radius:
@@ -904,11 +927,14 @@ def primitive_sample(rng, kind, width=112, radius=6, max_radius=None, plain=Fals
                 "think": f"{words[pick]} is option {LETTERS[pick]}."}
         return Sample("primitive", "<image>" + PRIMITIVES[kind].format(word=words[pick], options=options),
                       LETTERS[pick], [image], meta)
+    extra = {}
     if kind == "which":
         count = 1
+    elif kind == "choice":
+        count = 2
     elif count is None:
         count = rng.choice((1, 2, 3)) if kind == "where" else rng.choice((2, 3))
-    labels = rng.sample((1, 2, 3), count)
+    labels = rng.sample((1, 2) if kind == "choice" else (1, 2, 3), count)
     while True:
         points = _place_markers(rng, count, width, height, radius)
         if points is None:                      # too crowded for this radius: shrink it
@@ -932,6 +958,19 @@ def primitive_sample(rng, kind, width=112, radius=6, max_radius=None, plain=Fals
                 continue
             answer, question = str(labels[order[0]]), PRIMITIVES[kind]
             think = f"The {kind} marker is {answer}."
+        elif kind == "choice":
+            if abs(xs[0] - xs[1]) < min_gap or abs(ys[0] - ys[1]) < min_gap:
+                continue
+            a, b = labels
+            axis, pair = rng.choice(_CHOICE_AXES)
+            word = pair[0] if (xs[0] < xs[1] if pair[0] == "Left" else ys[0] < ys[1]) else pair[1]
+            words = [*pair, *rng.sample([w for w in OPTION_WORDS if w not in pair], 2)]
+            rng.shuffle(words)
+            answer, extra = LETTERS[words.index(word)], {"words": words}
+            question = PRIMITIVES[kind].format(a=a, b=b, axis=axis, options=" ".join(
+                f"{LETTERS[i]}. {w}" for i, w in enumerate(words)))
+            think = (f"The leftmost marker is {_extreme(labels, points, 'leftmost')}. The highest marker is "
+                     f"{_extreme(labels, points, 'highest')}. From {b}, {a} is {word}. {scan_options(words, word)}")
         else:                                   # above / left: a yes-no comparison of two labels
             i, j = rng.sample(range(count), 2)
             values = ys if kind == "above" else xs
@@ -946,13 +985,18 @@ def primitive_sample(rng, kind, width=112, radius=6, max_radius=None, plain=Fals
     for point, label in zip(points, labels):
         _draw_marker(draw, point, label, radius)
     meta = {"kind": kind, "labels": labels, "centres": [list(p) for p in points], "radius": radius,
-            "size": [width, height], "plain": plain, "think": think}
+            "size": [width, height], "plain": plain, "think": think, **extra}
     return Sample("primitive", "<image>" + question, answer, [image], meta)
 
 
 def primitive_answer(meta, problem):
     """Re-derive a primitive's answer from its meta and question (the tests' audit); None when ambiguous."""
     kind = meta["kind"]
+    if kind == "choice":
+        a, b = (int(d) for d in re.findall(r"marker (\d)", problem))
+        (xa, ya), (xb, yb) = (meta["centres"][meta["labels"].index(label)] for label in (a, b))
+        word = ("Left" if xa < xb else "Right") if "left or the right" in problem else ("Up" if ya < yb else "Down")
+        return LETTERS[meta["words"].index(word)]
     if kind == "option":
         word = re.match(r"<image>Which option is (\S+)\?", problem).group(1)
         return LETTERS[meta["words"].index(word)]

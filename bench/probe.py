@@ -15,15 +15,19 @@ needs, colour (which marker is label 1) and position (where it is), from everyth
     ... --layout filler --max-filler 12           # the options 10-12 words back instead
     ... --layers 6 --rope-theta 1e6                # a deeper language model, Qwen's rope_theta
     ... --steps 4000 --curriculum 1500             # 1,500 steps with the options near first, then far
+    ... --answer scan                              # read the options in order instead (tasks.scan_options)
 
 "lookup" isolates the last step of the position task's answer: four shuffled words as options A-D, then either
 the position prompt's own closing text, the format prompt and a reasoning ("position"), or 10..--max-filler random
 prompt words ("filler"), then "<word> is option" and the letter to predict (trained and scored on that one token,
-argmax over A-D, chance 0.25). Text only, so it measures the language model alone: its layers, its rope_theta, and
-whether it needs the lookup near before it learns it far (docs/tiny-model.md section 3).
+argmax over A-D, chance 0.25). With --answer scan the reasoning names the word and the model writes "A. Left, no.
+B. Back, yes." (trained on those tokens, scored on the letter before ", yes." in a greedy reading). Text only, so it
+measures the language model alone: its layers, its rope_theta, whether it needs the lookup near before it learns it
+far, and which of the two readings it learns (docs/tiny-model.md section 3).
 """
 import argparse
 import random
+import re
 import tempfile
 import time
 
@@ -54,8 +58,10 @@ def probe_sample(rng, question):
     return image, answer
 
 
-def lookup_sample(rng, tokenizer, layout, max_filler):
-    """(token ids, index of the answer letter): find the option letter of a word among four, far back."""
+def lookup_sample(rng, tokenizer, layout, max_filler, answer="letter"):
+    """(token ids, target ids, index of the answer letter): find the option letter of a word among four, far back.
+    "letter": the text ends "<word> is option" and the target is the letter; "scan": the text ends with the
+    reasoning that names the word and the target reads the options up to it (tasks.scan_options)."""
     words, pick = rng.sample(tasks.OPTION_WORDS, 4), rng.randrange(4)
     options = " ".join(f"{tasks.LETTERS[i]}. {word}" for i, word in enumerate(words))
     if layout == "position":
@@ -67,48 +73,72 @@ def lookup_sample(rng, tokenizer, layout, max_filler):
         closing = tasks._POSITION.split("{options}")[1].format(ignore=ignore)    # the position prompt's own end
         text = (f"Where is the region marker '2'? {options}{closing}"
                 f"{tasks.FORMAT_PROMPT}<|im_end|>\n<|im_start|>assistant\n<think>The leftmost marker is "
-                f"{rng.choice('12')}. The highest marker is {rng.choice('12')}. {think} {words[pick]} is option")
+                f"{rng.choice('12')}. The highest marker is {rng.choice('12')}. {think}")
     else:
         words_pool = tasks._POSITION.replace("{", "").replace("}", "").split()
         filler = " ".join(rng.choice(words_pool) for _ in range(rng.randint(10, max_filler)))
-        text = f"Where is it? {options}. {filler}. {words[pick]} is option"
-    return tokenizer(text, add_special_tokens=False)["input_ids"], pick
+        text = f"Where is it? {options}. {filler}." + (f" It is {words[pick]}." if answer == "scan" else "")
+    text, target = ((text + f" {words[pick]} is option", f" {tasks.LETTERS[pick]}") if answer == "letter" else
+                    (text, " " + tasks.scan_options(words, words[pick]) + "</think>"))
+    text_ids, target_ids = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in (text, target))
+    return text_ids, target_ids, pick
 
 
 def lookup(args, model, processor):
-    """Train and score the option lookup on the last token's logits over the letters A-D."""
+    """Train the option lookup on its target tokens; score the letter (argmax over A-D after "is option"), or the
+    letter before ", yes." in a greedy scan."""
     tokenizer = processor.tokenizer
     letters = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"][-1] for letter in tasks.LETTERS]
     rng, held_rng = random.Random(args.seed), random.Random(args.seed + 1)
-    held_out = [lookup_sample(held_rng, tokenizer, args.layout, args.max_filler) for _ in range(args.eval)]
+    held_out = [lookup_sample(held_rng, tokenizer, args.layout, args.max_filler, args.answer) for _ in range(args.eval)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
-    def logits(samples):                          # left-padded, so the last position is every row's query
-        width = max(len(ids) for ids, _ in samples)
-        ids = torch.full((len(samples), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for row, (tokens, _) in enumerate(samples):
+    def left_padded(rows):                        # so that the last position is every row's next token
+        width = max(map(len, rows))
+        ids, mask = torch.full((len(rows), width), tokenizer.pad_token_id), torch.zeros((len(rows), width), dtype=torch.long)
+        for row, tokens in enumerate(rows):
             ids[row, width - len(tokens):], mask[row, width - len(tokens):] = torch.tensor(tokens), 1
-        return model(input_ids=ids, attention_mask=mask).logits[:, -1, letters]
+        return ids, mask
 
     @torch.no_grad()
+    def predictions(samples):
+        ids, mask = left_padded([prompt for prompt, _, _ in samples])
+        if args.answer == "letter":
+            return model(input_ids=ids, attention_mask=mask).logits[:, -1, letters].argmax(-1).tolist()
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(len(t) for _, t, _ in held_out) + 4,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        found = [re.search(r"([A-D])\. [^,]*, yes", text) for text in tokenizer.batch_decode(out[:, ids.shape[1]:])]
+        return [tasks.LETTERS.index(match.group(1)) if match else -1 for match in found]
+
     def accuracy():
         model.eval()
-        right = sum((logits(held_out[k:k + 50]).argmax(-1) == torch.tensor([p for _, p in held_out[k:k + 50]]))
-                    .sum().item() for k in range(0, len(held_out), 50))
+        right = sum(guess == pick for k in range(0, len(held_out), 50)
+                    for guess, (_, _, pick) in zip(predictions(held_out[k:k + 50]), held_out[k:k + 50]))
         model.train()
         return right / len(held_out)
 
-    lengths = [len(ids) for ids, _ in held_out]
-    print(f"lookup, {args.layout}: {min(lengths)}-{max(lengths)} tokens, {args.layers or 3} layers, rope_theta "
-          f"{args.rope_theta or 10:g}; step 0 accuracy {accuracy():.2f} (chance 0.25)", flush=True)
+    lengths = [len(ids) for ids, _, _ in held_out]
+    print(f"lookup, {args.layout}, answer {args.answer}: {min(lengths)}-{max(lengths)} tokens, {args.layers or 3} "
+          f"layers, rope_theta {args.rope_theta or 10:g}; step 0 accuracy {accuracy():.2f} (chance 0.25)", flush=True)
 
-    def step_loss(step):
+    def step_loss(step):         # letter: cross-entropy over A-D at the last position; scan: on the target tokens
         for group in optimizer.param_groups:            # 100 warmup steps
             group["lr"] = args.learning_rate * min(1.0, step / 100)
         layout, max_filler = ("filler", 12) if step <= args.curriculum else (args.layout, args.max_filler)
-        batch = [lookup_sample(rng, tokenizer, layout, max_filler) for _ in range(args.batch)]
-        return torch.nn.functional.cross_entropy(logits(batch), torch.tensor([p for _, p in batch]))
+        batch = [lookup_sample(rng, tokenizer, layout, max_filler, args.answer) for _ in range(args.batch)]
+        if args.answer == "letter":
+            ids, mask = left_padded([prompt for prompt, _, _ in batch])
+            return torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits[:, -1, letters],
+                                                     torch.tensor([pick for _, _, pick in batch]))
+        rows = [prompt + target for prompt, target, _ in batch]
+        width = max(map(len, rows))
+        ids, labels = torch.full((len(rows), width), tokenizer.pad_token_id), torch.full((len(rows), width), -100)
+        for row, (prompt, target, _) in enumerate(batch):
+            ids[row, :len(rows[row])] = torch.tensor(rows[row])
+            labels[row, len(prompt):len(rows[row])] = torch.tensor(target)
+        mask = (torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]).long()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
     train(args, model, optimizer, step_loss, accuracy)
 
@@ -133,6 +163,8 @@ def main():
     p.add_argument("--layout", choices=("position", "filler"), default="position", help="lookup: what separates "
                    "the options from the word to look up")
     p.add_argument("--max-filler", type=int, default=90, help="lookup --layout filler: at most this many words")
+    p.add_argument("--answer", choices=("letter", "scan"), default="letter", help="lookup: the letter after "
+                   "\"<word> is option\", or the options read in order up to the word (tasks.scan_options)")
     p.add_argument("--curriculum", type=int, default=0, help="lookup: train the first N steps with the options "
                    "10-12 words back (scored on --layout throughout)")
     p.add_argument("--layers", type=int, default=None, help="language-model layers (tiny: 3)")

@@ -44,9 +44,29 @@ def test_lookup_answer_is_the_letter_of_the_word_asked():
     rng, picks = random.Random(2), []
     for layout in ("position", "filler"):
         for _ in range(100):
-            ids, pick = lookup_sample(rng, tokenizer, layout, 90)
+            ids, target, pick = lookup_sample(rng, tokenizer, layout, 90)
+            assert tokenizer.decode(target).strip() == "ABCD"[pick]
             text = tokenizer.decode(ids)
             word = text.rsplit(" is option", 1)[0].split()[-1]
             assert re.search(rf"{'ABCD'[pick]}\. {re.escape(word)}[ .]", text.split(" is option")[0]), text
             picks.append(pick)
     assert all(picks.count(k) > 25 for k in range(4))
+
+
+def test_lookup_scan_reads_the_options_in_order_up_to_the_word_the_reasoning_names():
+    from transformers import AutoTokenizer
+
+    from bench.probe import lookup_sample
+    import ssrl
+    tokenizer = AutoTokenizer.from_pretrained(ssrl.shipped_base("tiny-qwen3-vl"))
+    rng = random.Random(3)
+    for layout in ("position", "filler"):
+        for _ in range(50):
+            ids, target, pick = lookup_sample(rng, tokenizer, layout, 90, "scan")
+            text, scan = tokenizer.decode(ids), tokenizer.decode(target)
+            options = dict(re.findall(r"([A-D])\. (\S+?)(?= [A-D]\.|\. |\?|$)", text.split("?", 1)[1])[:4])
+            read = re.findall(r"([A-D])\. (\S+), (yes|no)\.", scan)
+            assert [letter for letter, _, _ in read] == list("ABCD"[:pick + 1]), scan
+            assert all(options[letter] == word for letter, word, _ in read), (text, scan)
+            assert [said for _, _, said in read] == ["no"] * pick + ["yes"], scan
+            assert re.search(rf"{re.escape(read[-1][1])}\.$", text.rstrip()), text

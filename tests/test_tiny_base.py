@@ -39,7 +39,7 @@ def test_every_primitive_answer_is_what_the_markers_say():
 
 def test_depth_and_position_reasonings_name_what_the_base_reads():
     """The cold start's depth and position reasonings state the lowest/highest/leftmost marker as the primitives
-    do, true of the drawn centres, and the option letter of the direction they name."""
+    do, true of the drawn centres, and read the options in order up to the direction they name."""
     rng = random.Random(5)
     image, depth = tasks.render_scene(random.Random(2), 112, 84)
     seen = set()
@@ -60,7 +60,8 @@ def test_depth_and_position_reasonings_name_what_the_base_reads():
             leftmost = min((1, 2), key=lambda label: points[label][0])
             truth = meta["options"]["ABCD".index(sample.answer)]
             assert f"The leftmost marker is {leftmost}." in think
-            assert think.endswith(f"{truth} is option {sample.answer}.")
+            assert think.endswith(tasks.scan_options(meta["options"], truth))
+            assert think.endswith(f"{sample.answer}. {truth}, yes.")
         seen.add(sample.task)
     assert seen == {"depth", "position"}
 
@@ -73,10 +74,11 @@ def test_shipped_base_loads_and_sees():
     dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
     model, processor, family = ssrl.load_model(args, dist)
     assert family == "qwen3_vl" and sum(p.numel() for p in model.parameters()) < 2.5e6
-    results = ssrl.evaluate_primitives(model, processor, ssrl.primitive_held_out("ci", 270))   # 30 per kind
-    # the reads the depth and position reasonings name (the last phases drop "where", "above" and "left": unused)
+    results = ssrl.evaluate_primitives(model, processor, ssrl.primitive_held_out("ci", 300))   # 30 per kind
+    # the reads the depth and position reasonings use (the last phases drop "where", "above" and "left": unused)
     comparisons = [results[kind] for kind in ("lowest", "highest", "leftmost", "rightmost")]
     assert sum(comparisons) / 4 > tasks.PRIMITIVE_CHANCE["lowest"] + 0.3 and min(comparisons) > 0.6, results
+    assert results["choice"] > tasks.PRIMITIVE_CHANCE["choice"] + 0.5, results     # the position reasoning's reading
     recipe = json.loads((ssrl.shipped_base("tiny-qwen3-vl") / "pretrain.json").read_text())
     assert recipe["command"] == "python ssrl.py --stage pretrain --model tiny-qwen3-vl"
     assert recipe["sha256"] == ssrl.file_sha256(ssrl.shipped_base("tiny-qwen3-vl") / "model.safetensors")
@@ -101,12 +103,12 @@ def test_missing_or_corrupted_base_is_one_line_naming_the_remake_command(tmp_pat
 
 
 def test_pretrain_stage_writes_a_base_the_recipe_trains_from(tmp_path):
-    """A 38-step --stage pretrain writes a from_pretrained folder (weights, tokenizer, processor, pretrain.json
+    """A 63-step --stage pretrain writes a from_pretrained folder (weights, tokenizer, processor, pretrain.json
     whose sha256 matches); --model on that folder gets the tiny defaults and runs the cold start from it."""
-    ssrl.main(["--stage", "pretrain", "--pretrain-scale", "0.005", "--pretrain-eval", "9", "--out",
+    ssrl.main(["--stage", "pretrain", "--pretrain-scale", "0.005", "--pretrain-eval", "10", "--out",
                str(tmp_path / "base")])
     recipe = json.loads((tmp_path / "base" / "pretrain.json").read_text())
-    assert recipe["steps"] == 38 and recipe["sha256"] == ssrl.file_sha256(tmp_path / "base" / "model.safetensors")
+    assert recipe["steps"] == 63 and recipe["sha256"] == ssrl.file_sha256(tmp_path / "base" / "model.safetensors")
     assert set(recipe["held_out"]) >= set(ssrl.PRETRAIN_EVAL_KINDS)
     assert ssrl.is_tiny(str(tmp_path / "base"))
     ssrl.main(["--model", str(tmp_path / "base"), "--stage", "sft", "--data", str(tmp_path / "data"), "--per-task",
