@@ -823,6 +823,11 @@ def _depth_cot(meta, answer, rng):
         high_fact=f"The highest marker is {_extreme(labels, points, 'highest')}.", near=near, mid=mid, far=far)
 
 
+POSITION_DIRECTIONS = ("Facing {facing} from {camera}, {target} is {truth}.",
+                       "From {camera} facing {facing}, {target} is {truth}.",
+                       "Camera {camera} faces {facing}: {target} is {truth}.")
+
+
 def _position_cot(meta, answer, rng):
     """Which marker is leftmost and which highest in the image (the lateral and, roughly, the depth cue), the
     camera's view, then which option names that direction."""
@@ -831,10 +836,7 @@ def _position_cot(meta, answer, rng):
     labels, points = (1, 2), [points[1], points[2]]
     facing = {"left": "left", "right": "right", "towards": "towards me", "away": "away from me"}[meta["facing"]]
     truth = meta["options"][LETTERS.index(answer)]
-    return rng.choice(("{left} {high} Facing {facing} from {camera}, {target} is {truth}. {scan}",
-                       "{left} {high} From {camera} facing {facing}, {target} is {truth}. {scan}",
-                       "{left} {high} Camera {camera} faces {facing}: {target} is {truth}. {scan}"
-                       )).format(
+    return ("{left} {high} " + rng.choice(POSITION_DIRECTIONS) + " {scan}").format(
         left=f"The leftmost marker is {_extreme(labels, points, 'leftmost')}.",
         high=f"The highest marker is {_extreme(labels, points, 'highest')}.",
         facing=facing, camera=camera, target=target, truth=truth, scan=scan_options(meta["options"], truth))

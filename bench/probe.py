@@ -66,10 +66,9 @@ def lookup_sample(rng, tokenizer, layout, max_filler, answer="letter"):
     options = " ".join(f"{tasks.LETTERS[i]}. {word}" for i, word in enumerate(words))
     if layout == "position":
         ignore = " and ignore the height difference between the two regions" if rng.random() < 0.5 else ""
-        think = rng.choice(("Facing {f} from {c}, {t} is {w}.", "From {c} facing {f}, {t} is {w}.",
-                            "Camera {c} faces {f}: {t} is {w}.")).format(
-            f=rng.choice(("left", "right", "towards me", "away from me")), c=rng.choice("12"), t=rng.choice("12"),
-            w=words[pick])
+        think = rng.choice(tasks.POSITION_DIRECTIONS).format(        # the position reasoning's own sentences
+            facing=rng.choice(("left", "right", "towards me", "away from me")), camera=rng.choice("12"),
+            target=rng.choice("12"), truth=words[pick])
         closing = tasks._POSITION.split("{options}")[1].format(ignore=ignore)    # the position prompt's own end
         text = (f"Where is the region marker '2'? {options}{closing}"
                 f"{tasks.FORMAT_PROMPT}<|im_end|>\n<|im_start|>assistant\n<think>The leftmost marker is "
@@ -100,11 +99,15 @@ def lookup(args, model, processor):
             ids[row, width - len(tokens):], mask[row, width - len(tokens):] = torch.tensor(tokens), 1
         return ids, mask
 
+    def letter_logits(samples):                   # [B, 4]: the next token's logits over A-D
+        ids, mask = left_padded([prompt for prompt, _, _ in samples])
+        return model(input_ids=ids, attention_mask=mask).logits[:, -1, letters]
+
     @torch.no_grad()
     def predictions(samples):
-        ids, mask = left_padded([prompt for prompt, _, _ in samples])
         if args.answer == "letter":
-            return model(input_ids=ids, attention_mask=mask).logits[:, -1, letters].argmax(-1).tolist()
+            return letter_logits(samples).argmax(-1).tolist()
+        ids, mask = left_padded([prompt for prompt, _, _ in samples])
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(len(t) for _, t, _ in held_out) + 4,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
         found = [re.search(r"([A-D])\. [^,]*, yes", text) for text in tokenizer.batch_decode(out[:, ids.shape[1]:])]
@@ -127,9 +130,7 @@ def lookup(args, model, processor):
         layout, max_filler = ("filler", 12) if step <= args.curriculum else (args.layout, args.max_filler)
         batch = [lookup_sample(rng, tokenizer, layout, max_filler, args.answer) for _ in range(args.batch)]
         if args.answer == "letter":
-            ids, mask = left_padded([prompt for prompt, _, _ in batch])
-            return torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits[:, -1, letters],
-                                                     torch.tensor([pick for _, _, pick in batch]))
+            return torch.nn.functional.cross_entropy(letter_logits(batch), torch.tensor([pick for _, _, pick in batch]))
         rows = [prompt + target for prompt, target, _ in batch]
         width = max(map(len, rows))
         ids, labels = torch.full((len(rows), width), tokenizer.pad_token_id), torch.full((len(rows), width), -100)

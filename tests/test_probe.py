@@ -3,8 +3,10 @@ import random
 import re
 
 import numpy as np
+import pytest
 
-from bench.probe import probe_sample
+import ssrl
+from bench.probe import lookup_sample, probe_sample
 from tasks import _PALETTE
 
 
@@ -33,14 +35,15 @@ def test_row_answer_is_the_half_the_marker_is_in():
     assert 10 < answers.count("1") < 40
 
 
-def test_lookup_answer_is_the_letter_of_the_word_asked():
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(ssrl.shipped_base("tiny-qwen3-vl"))
+
+
+def test_lookup_answer_is_the_letter_of_the_word_asked(tokenizer):
     """The lookup's label is the letter printed before the word that the text ends by asking about, in both layouts,
     and the answers are spread over the four letters (no position shortcut)."""
-    from transformers import AutoTokenizer
-
-    from bench.probe import lookup_sample
-    import ssrl
-    tokenizer = AutoTokenizer.from_pretrained(ssrl.shipped_base("tiny-qwen3-vl"))
     rng, picks = random.Random(2), []
     for layout in ("position", "filler"):
         for _ in range(100):
@@ -53,12 +56,7 @@ def test_lookup_answer_is_the_letter_of_the_word_asked():
     assert all(picks.count(k) > 25 for k in range(4))
 
 
-def test_lookup_scan_reads_the_options_in_order_up_to_the_word_the_reasoning_names():
-    from transformers import AutoTokenizer
-
-    from bench.probe import lookup_sample
-    import ssrl
-    tokenizer = AutoTokenizer.from_pretrained(ssrl.shipped_base("tiny-qwen3-vl"))
+def test_lookup_scan_reads_the_options_in_order_up_to_the_word_the_reasoning_names(tokenizer):
     rng = random.Random(3)
     for layout in ("position", "filler"):
         for _ in range(50):
