@@ -3,7 +3,7 @@ import re
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from tasks import extract_boxed, reward
 
@@ -70,6 +70,9 @@ def test_reward_equals_the_reference_on_random_strings(parts, answer):
 @settings(max_examples=150, deadline=None)
 @given(st.text(max_size=200), st.text(max_size=5))
 def test_reward_never_raises_and_is_bounded(response, answer):
+    # mathruler returns the string "None" for a response without a box, so a ground truth "None" would score any
+    # such response right; our extract_boxed returns None instead (no task's answer is "None"). Hypothesis found it.
+    assume(answer != "None")
     scores = reward(response, answer)
     assert set(scores) == {"overall", "format", "accuracy"}
     assert 0.0 <= scores["overall"] <= 1.0
