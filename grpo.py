@@ -1,44 +1,41 @@
-"""GRPO for Spatial-SSRL, written to read like the equations of shared/spec/paper.md section 5.
+"""GRPO as the paper's released code (EasyR1) computes it: the loss, prompt batches, rollouts, passes, one step.
+Not here: the tasks, data and reward (tasks.py); models, flags, the SFT and GRPO loops, evaluation and checkpoints
+(ssrl.py, which imports this file; this file never imports it).
 
-One call of `grpo_step` does one step for this rank's prompts:
-  1. generate n responses per prompt with transformers' `generate`, a micro-batch of prompts per call (bucketed by
+One call of `grpo_step` does one step for this rank's prompts (a batch from `encode_prompts`):
+  1. n responses per prompt (`generate_completions`), a micro-batch of prompts per generate call (bucketed by
      length); each prompt's images and prefill run once and its KV cache is copied n times (`shared_prompt`)
-  2. decode them (skip_special_tokens) and score each with `tasks.reward`: 0.9 accuracy + 0.1 format
+  2. each decoded (skip_special_tokens) and scored with `tasks.reward`: 0.9 accuracy + 0.1 format
   3. group advantages  A_i = (r_i - mean_g r) / (std_g r + 1e-6), unbiased std; a group of equal rewards gets 0
   4. log-probs of the responses under the policy before the update (old) and the frozen reference, no grad
      (with a single update per step the old log-probs are the update's own, detached: exact and one pass less)
-  5. `updates_per_step` mini-batches of prompts, each split into micro-batches by a token budget:
+  5. `updates_per_step` mini-batches of prompts, each split into micro-batches by a token budget (`policy_loss`):
         log rho = clamp(logp - old_logp, -20, 20)
         L = max(-A rho, -A clip(rho, 1 - 0.2, 1 + 0.3)),  and  min(L, -3.0 A)  where A < 0  (dual clip)
         + 0.01 * k3(ref || policy)
      averaged over the response tokens of the whole mini-batch on all ranks; clip grad norm 1.0; optimizer step
 
-The recipe and its sources (EasyR1 as used by InternLM/Spatial-SSRL; spec sections 3.2 and 5):
-  n = 5, temperature 1.0, top_p 1.0, top_k off                  [P 4.1; examples/config.yaml]
+The recipe and its sources (paper section 4.1; InternLM/Spatial-SSRL training/GRPO/: examples/config.yaml,
+examples/spatial-ssrl_qwen*.sh, verl/trainer/core_algos.py, verl/workers/actor/dp_actor.py):
+  n = 5, temperature 1.0, top_p 1.0, top_k off                  [paper 4.1; config.yaml]
   256 prompts per rollout, 128 per update: 2 updates per step    [spatial-ssrl_qwen*.sh; config.yaml]
-  ratio clip [0.8, 1.3], dual clip 3.0 for A < 0                 [verl/trainer/core_algos.py compute_policy_loss]
+  ratio clip [0.8, 1.3], dual clip 3.0 for A < 0                 [core_algos.py compute_policy_loss]
   k3 ("low_var_kl") KL to the reference, weight 0.01, in the loss [config.yaml; core_algos.py kl_penalty]
-  loss = token mean over the global mini-batch                   [workers/actor/dp_actor.py, loss_avg_mode "token"]
-  grad clip 1.0 (here); AdamW lr 1e-6 constant, wd 0.01 (the caller owns optimizer and schedule)
+  loss = token mean over the global mini-batch                   [dp_actor.py, loss_avg_mode "token"]
+  grad clip 1.0; AdamW lr 1e-6 constant, wd 0.01 (the caller owns optimizer and schedule)
 Departures from EasyR1: one engine (HF generate, no vLLM) samples and scores, so old log-probs only differ from the
 sampler's by numerics; mini-batches are whole prompts' groups (no `_balance_batch` reordering); vision tokens
 (<|image_pad|> etc.) are never sampled, since a later forward would take a sampled one for an image slot.
 
 Shared prompts (Prefix Grouper, arXiv 2506.05433, here for multimodal M-RoPE models): a Spatial-SSRL prompt is long
-(1-5 images, >= 334 visual tokens each at 512 px, ~130 text tokens) and its answers short, so every pass that ran the
-prompt once per response spent most of its time on 5 copies of the same prompt. With `shared_prompt` each group is
-one packed row [prompt, r_1, ..., r_n]: every response attends to the prompt and causally to itself only (a 4-D
-block mask), its M-RoPE positions restart where the prompt ends, and the group's images enter once. Outputs and
-gradients equal the per-response path (tests/test_shared.py); the prompt's gradient from the n responses adds up in
-one place. Per group of prompt P and responses R_i the linear layers do P + sum R_i tokens instead of n P + sum R_i.
+(1-5 images, >= 334 visual tokens each at 512 px) and its answers short, so each group is one packed row
+[prompt, r_1, ..., r_n] in every pass (`pack`): the linear layers do P + sum R_i tokens instead of n P + sum R_i,
+and outputs and gradients equal the per-response path (tests/test_shared.py).
 
-Distributed: under torchrun every rank passes the same number of prompts (its own share of whole groups). The
-policy must average gradients over ranks (FSDP2 `fully_shard`): each rank divides its token sum by
-(global tokens / world size), so the average of the ranks' gradients is the global token mean. Rollouts and the
-no-grad passes run inside `gathered`: every layer is all-gathered once and kept, so generation makes no collective
-call per token and ranks may generate different numbers of tokens; the update's micro-batches are all-gathered per
-layer as usual, so every rank runs the same number of them (padded with weight-0 passes).
-ssrl.py imports this file (`python ssrl.py` runs SFT then GRPO); this file never imports ssrl.py.
+Distributed: every rank passes the same number of prompts (whole groups). FSDP2 averages gradients over ranks, so
+each rank divides its token sum by (global tokens / world size) and the average is the global token mean. Rollouts
+and the no-grad passes run inside `gathered` (no collective per generated token); the update's micro-batches are
+gathered per layer as usual, so every rank runs the same number of them (padded with weight-0 passes).
 """
 import contextlib
 import dataclasses
@@ -52,7 +49,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from kernels import fused_logprobs
-from tasks import extract_boxed, reward as task_reward
+from tasks import BadRecord, extract_boxed, make_prompt, reward as task_reward
 
 
 # kernels.fused_logprobs path of every log-prob pass (SFT, old, reference, policy): None picks by device (Triton on
@@ -77,12 +74,117 @@ class GRPOConfig:
     shared_prompt: bool = True        # each group as one packed row [prompt, r_1..r_n]; False: a row per response
     max_grad_norm: float = 1.0
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The algorithm: group advantages and the clipped, KL-regularised policy loss
+
+def group_advantages(rewards, n, eps=1e-6):
+    """A_i = (r_i - mean_g r) / (std_g r + eps) over each prompt's n responses (torch.std: unbiased, N - 1).
+    Groups of equal rewards get exactly 0 (rounding in the mean would otherwise leave ~1e-8 / 1e-6 = 1e-2)."""
+    if n < 2:
+        raise ValueError("GRPO needs n >= 2 responses per prompt for a group baseline")
+    grouped = rewards.double().view(-1, n)                                                   # [B, n]
+    advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)  # [B, n]
+    spread = grouped.amax(1, keepdim=True) > grouped.amin(1, keepdim=True)                   # [B, 1]
+    return torch.where(spread, advantages, 0.0).view(-1).to(rewards.dtype)                   # [B*n]
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimator of KL(pi || pi_ref): r - 1 - log r with r = pi_ref / pi, unbiased and always >= 0
+    (J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html); clamped as EasyR1's
+    low_var_kl (verl/trainer/core_algos.py kl_penalty)."""
+    log_ref_ratio = torch.clamp(ref_logp - logp, -20.0, 20.0)                                 # [T]
+    return torch.clamp(torch.exp(log_ref_ratio) - log_ref_ratio - 1, -10.0, 10.0)            # [T]
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, total_tokens, clip_low=0.2, clip_high=0.3,
+                dual_clip=3.0, kl_coef=0.01):
+    """The per-token loss of EasyR1's compute_policy_loss (the module docstring, step 5), summed over `mask` and
+    divided by `total_tokens`: pass the token count of the whole mini-batch (divided by the world size when ranks
+    average gradients), and micro-batches and ranks add up to the global token mean. This is not a mean per
+    sequence then per batch (tiny-grpo, simple_GRPO). Per-token tensors of one shape; `advantages` broadcasts
+    against them (a sequence's A on each of its tokens). Metrics use the same normalisation, so they add up over
+    micro-batches the same way."""
+    mask = mask.to(logp.dtype)                                                                # [T]
+    advantages = advantages.to(logp.dtype)                                                    # [T]
+    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)                                     # [T]
+    ratio = torch.exp(log_ratio)                                                              # [T]
+    clipped_ratio = torch.exp(torch.clamp(log_ratio, math.log(1 - clip_low), math.log(1 + clip_high)))  # [T]
+    loss_unclipped = -advantages * ratio                                                      # [T]
+    loss_clipped = -advantages * clipped_ratio                                                # [T]
+    loss_dual = -advantages * dual_clip                                                       # [T]
+    pessimistic = torch.maximum(loss_unclipped, loss_clipped)                                 # [T]
+    pg_loss = torch.where(advantages < 0, torch.minimum(pessimistic, loss_dual), pessimistic)  # [T]
+    kl = kl_k3(logp, ref_logp)                                                                # [T]
+    per_token = pg_loss + kl_coef * kl                                                        # [T]
+    loss = (per_token * mask).sum() / total_tokens
+
+    def token_mean(value):
+        return ((value.to(logp.dtype) * mask).sum() / total_tokens).detach()
+
+    low = (ratio < 1 - clip_low) & (advantages < 0)        # where the lower clip holds the loss (TRL clip_ratio/low)
+    high = (ratio > 1 + clip_high) & (advantages > 0)      # where the upper clip holds it (TRL clip_ratio/high)
+    dual = (pessimistic > loss_dual) & (advantages < 0)    # where the dual clip holds it (EasyR1 pg_clipfrac_lower)
+    metrics = {"pg_loss": token_mean(pg_loss), "kl": token_mean(kl), "clip_ratio/low_mean": token_mean(low),
+               "clip_ratio/high_mean": token_mean(high), "clip_ratio/region_mean": token_mean(low | high),
+               "clip_ratio/dual_mean": token_mean(dual)}
+    return loss, metrics
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Prompt batches: select samples with their images
+# Prompt batches: what a step consumes (`encode_prompts`) and how it is sliced
+
+def chat_messages(problem, format_prompt=True):
+    """One user turn: the question stripped plus the format prompt (make_prompt), an image at each <image>."""
+    content = []
+    for i, text in enumerate((make_prompt(problem) if format_prompt else problem).split("<image>")):
+        if i:
+            content.append({"type": "image"})
+        if text:
+            content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def prompt_text(processor, problem, format_prompt=True):
+    return processor.apply_chat_template(chat_messages(problem, format_prompt), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode_prompts(processor, records, images, min_pixels, max_pixels):
+    """Left-padded chat-template inputs for a batch of records (dicts with "problem") and their PIL images.
+
+    Returns input_ids, attention_mask and mm_token_type_ids [B, P] (padded alike), pixel_values [patches, C*p*p],
+    image_grid_thw [n_images, 3] and images_per_sample [B]. Qwen2.5-VL silently falls back to 1-D positions when
+    mm_token_type_ids is missing (transformers 5.x), so every consumer must pass it on.
+    """
+    texts, flat = [], []
+    for record, record_images in zip(records, images):
+        if record["problem"].count("<image>") != len(record_images):
+            raise BadRecord(f"record {record.get('id')}: {record['problem'].count('<image>')} <image> "
+                                  f"placeholders but {len(record_images)} images")
+        texts.append(prompt_text(processor, record["problem"], record.get("format_prompt", True)))
+        flat.extend(record_images)
+    batch = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt",
+                      images_kwargs={"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}})
+    batch = dict(batch)
+    batch["images_per_sample"] = torch.tensor([len(x) for x in images], dtype=torch.long)
+    if "mm_token_type_ids" not in batch:
+        batch["mm_token_type_ids"] = (batch["input_ids"] == processor.image_token_id).long()
+    return batch
+
+
+def encode_responses(tokenizer, responses):
+    """Right-padded response ids [B, R] ending in <|im_end|> (the end of the assistant turn) and their mask."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in responses]
+    width = max(len(x) for x in ids)
+    completion_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        completion_ids[i, :len(row)] = torch.tensor(row)
+        completion_mask[i, :len(row)] = 1
+    return completion_ids, completion_mask
+
 
 def select_samples(batch, index):
-    """Rows `index` (a 1-D LongTensor) of a prompt batch from ssrl.encode_prompts, with their images' pixel rows.
+    """Rows `index` (a 1-D LongTensor) of a prompt batch from `encode_prompts`, with their images' pixel rows.
     The index arithmetic runs on the CPU (images_per_sample stays there); the tensors keep their device."""
     index = index.cpu()
     out = {key: batch[key][index.to(batch[key].device)]
@@ -114,11 +216,13 @@ def _model_inputs(batch):
     return {key: batch[key] for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
                                         "image_grid_thw") if key in batch}
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollouts: the policy gathered once, n responses per prompt
 
 def fsdp_method(model, name):
     """`model.<name>` of a sharded model, registered once as an FSDP forward method. FSDP2 gathers the root's own
     parameters (embeddings, lm_head, norms, patch embed, merger) only around `forward`; any other entry point must
-    be registered (env.md section 5: generate fails with "mixed torch.Tensor and DTensor" otherwise). Registering
+    be registered (generate fails with "mixed torch.Tensor and DTensor" otherwise, huggingface/trl#4550). Registering
     twice would gather twice, so remember it."""
     registered = model.__dict__.setdefault("_grpo_fsdp_methods", set())
     if name not in registered:
@@ -159,17 +263,22 @@ def gathered(model):
         model.set_reshard_after_forward(False, recurse=False)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Rollouts
-
 @dataclasses.dataclass
 class Rollouts:
-    """A rank's rollouts: the prompt batch of ssrl.encode_prompts ([B, P] left-padded, with its images) and n
+    """A rank's rollouts: the prompt batch of `encode_prompts` ([B, P] left-padded, with its images) and n
     responses per prompt (response i * n + j answers prompt i), right-padded, with their mask."""
     prompts: dict
     completion_ids: torch.Tensor       # [B*n, R]
     completion_mask: torch.Tensor      # [B*n, R]
     n: int
+
+
+def kv_bytes_per_token(config, bytes_per_value=2):
+    """Bytes of KV cache one token takes in the language model: K and V x layers x kv heads x head dim x bf16.
+    qwen2.5-vl-3b 36 x 2 x 128: 36.9 KB; qwen2.5-vl-7b 28 x 4 x 128: 57.3 KB; qwen3-vl-4b 36 x 8 x 128: 147.5 KB."""
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * bytes_per_value
 
 
 def _sampling_kwargs(model, max_new_tokens, temperature, top_p, eos_ids, pad_token_id):
@@ -244,9 +353,8 @@ def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eo
         truncated[rows] = cut
     return completion_ids, completion_mask, truncated
 
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Packed rows: what a log-prob pass feeds the model, and where each response token's log-prob comes from
+# Packed passes: what a log-prob pass feeds the model, and where each response token's log-prob comes from
 
 def pass_rows(rollouts, shared, prompts=None):
     """The rows of a pass over `prompts` (a range of prompt indices; all by default), as (prompt, [sequences])
@@ -396,68 +504,20 @@ def rollout_logprobs(model, rollouts, shared, max_tokens, temperature=1.0):
             logp[where["sequence"], where["token"]] = packed_logprobs(model, inputs, where, temperature).float()
     return logp
 
-
 # ---------------------------------------------------------------------------------------------------------------------
-# The algorithm: group advantages and the clipped, KL-regularised policy loss
+# The update
 
-def group_advantages(rewards, n, eps=1e-6):
-    """A_i = (r_i - mean_g r) / (std_g r + eps) over each prompt's n responses (torch.std: unbiased, N - 1).
-    Groups of equal rewards get exactly 0 (rounding in the mean would otherwise leave ~1e-8 / 1e-6 = 1e-2)."""
-    if n < 2:
-        raise ValueError("GRPO needs n >= 2 responses per prompt for a group baseline")
-    grouped = rewards.double().view(-1, n)                                                   # [B, n]
-    advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)  # [B, n]
-    spread = grouped.amax(1, keepdim=True) > grouped.amin(1, keepdim=True)                   # [B, 1]
-    return torch.where(spread, advantages, 0.0).view(-1).to(rewards.dtype)                   # [B*n]
+def all_reduce(values, op=dist.ReduceOp.SUM, device=None):
+    """`values` reduced over ranks: a tensor (in place, and returned), or a list of floats (reduced in float64 on
+    `device`, returned as a list). Without a process group, unchanged."""
+    tensor = values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor if torch.is_tensor(values) else tensor.tolist()
 
-
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, total_tokens, clip_low=0.2, clip_high=0.3,
-                dual_clip=3.0, kl_coef=0.01):
-    """The per-token loss of spec section 5, summed over `mask` and divided by `total_tokens`: pass the token count
-    of the whole mini-batch (divided by the world size when ranks average gradients), and micro-batches and ranks
-    add up to the global token mean. This is not a mean per sequence then per batch (tiny-grpo, simple_GRPO).
-    Per-token tensors of one shape; `advantages` broadcasts against them (a sequence's A on each of its tokens).
-    Metrics use the same normalisation, so they add up over micro-batches the same way."""
-    mask = mask.to(logp.dtype)                                                                # [T]
-    advantages = advantages.to(logp.dtype)                                                    # [T]
-    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)                                     # [T]
-    ratio = torch.exp(log_ratio)                                                              # [T]
-    clipped_ratio = torch.exp(torch.clamp(log_ratio, math.log(1 - clip_low), math.log(1 + clip_high)))  # [T]
-    loss_unclipped = -advantages * ratio                                                      # [T]
-    loss_clipped = -advantages * clipped_ratio                                                # [T]
-    loss_dual = -advantages * dual_clip                                                       # [T]
-    pessimistic = torch.maximum(loss_unclipped, loss_clipped)                                 # [T]
-    pg_loss = torch.where(advantages < 0, torch.minimum(pessimistic, loss_dual), pessimistic)  # [T]
-    # k3 estimator of KL(pi || pi_ref): r - 1 - log r with r = pi_ref / pi, unbiased and always >= 0
-    # (J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html); clamps as verl low_var_kl
-    log_ref_ratio = torch.clamp(ref_logp - logp, -20.0, 20.0)                                 # [T]
-    kl = torch.clamp(torch.exp(log_ref_ratio) - log_ref_ratio - 1, -10.0, 10.0)               # [T]
-    per_token = pg_loss + kl_coef * kl                                                        # [T]
-    loss = (per_token * mask).sum() / total_tokens
-
-    def token_mean(value):
-        return ((value.to(logp.dtype) * mask).sum() / total_tokens).detach()
-
-    low = (ratio < 1 - clip_low) & (advantages < 0)        # where the lower clip holds the loss (TRL clip_ratio/low)
-    high = (ratio > 1 + clip_high) & (advantages > 0)      # where the upper clip holds it (TRL clip_ratio/high)
-    dual = (pessimistic > loss_dual) & (advantages < 0)    # where the dual clip holds it (EasyR1 pg_clipfrac_lower)
-    metrics = {"pg_loss": token_mean(pg_loss), "kl": token_mean(kl), "clip_ratio/low_mean": token_mean(low),
-               "clip_ratio/high_mean": token_mean(high), "clip_ratio/region_mean": token_mean(low | high),
-               "clip_ratio/dual_mean": token_mean(dual)}
-    return loss, metrics
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# One step
 
 def _world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _all_reduce(tensor, op=dist.ReduceOp.SUM):
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
-    return tensor
 
 
 def _clock(device):
@@ -482,10 +542,10 @@ def update_policy(policy, optimizer, rollouts, old_logp, ref_logp, advantages, c
         rows, lengths = pass_rows(rollouts, cfg.shared_prompt, mini_prompts)
         micro = micro_batches(lengths, cfg.max_tokens_per_micro_batch)
         sequences = slice(mini_start * rollouts.n, mini_prompts.stop * rollouts.n)
-        global_tokens = _all_reduce(rollouts.completion_mask[sequences].sum().double())
+        global_tokens = all_reduce(rollouts.completion_mask[sequences].sum().double())
         # every rank runs as many micro-batches as the rank that needs most (FSDP gathers per layer in each):
         # extra ones repeat the last with weight 0
-        passes = int(_all_reduce(torch.tensor(len(micro), device=device), dist.ReduceOp.MAX))
+        passes = int(all_reduce(torch.tensor(len(micro), device=device), dist.ReduceOp.MAX))
         weights = [1.0] * len(micro) + [0.0] * (passes - len(micro))
         micro = micro + [micro[-1]] * (passes - len(micro))
         total_tokens = float(global_tokens) / world      # ranks average gradients: each divides by its share
@@ -507,7 +567,7 @@ def update_policy(policy, optimizer, rollouts, old_logp, ref_logp, advantages, c
                                                    cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        values = _all_reduce(torch.stack(list(mini.values())).float()) / world
+        values = all_reduce(torch.stack(list(mini.values())).float()) / world
         finite = torch.isfinite(values[0]) & torch.isfinite(grad_norm)
         if bool(finite):
             optimizer.step()
@@ -524,23 +584,11 @@ def update_policy(policy, optimizer, rollouts, old_logp, ref_logp, advantages, c
     metrics["num_skipped_updates"] = skipped
     return metrics
 
-
-def _gather_sums(local):
-    """Combine per-rank dicts of sums ('max/...' keys take the max) into global ones."""
-    if not dist.is_initialized():
-        return dict(local)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    combined = {}
-    for part in parts:
-        for key, value in part.items():
-            combined[key] = (max(combined.get(key, value), value) if key.startswith("max/")
-                             else combined.get(key, 0) + value)
-    return combined
-
+# ---------------------------------------------------------------------------------------------------------------------
+# One step
 
 def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cfg):
-    """One GRPO step on this rank's prompts (a batch from ssrl.encode_prompts; answers and task names per prompt).
+    """One GRPO step on this rank's prompts (a batch from `encode_prompts`; answers and task names per prompt).
     Returns (metrics over all ranks, this rank's rollout records); writes nothing."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)                   # a processor works too
     n, device = cfg.num_generations, batch["input_ids"].device
@@ -558,32 +606,50 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
     was_training = policy.training
     policy.eval()
 
-    start = _clock(device)
+    times = {"start": _clock(device)}
     with gathered(policy):   # one all-gather for the rollouts and the old log-probs
+        # 1. n responses per prompt
         completion_ids, completion_mask, truncated = generate_completions(
             policy, batch, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, sorted(eos_ids - {None}), pad_id,
             cfg.rollout_micro_batch_size, cfg.shared_prompt)
-        generated = _clock(device)
+        times["generated"] = _clock(device)
+        # 2. rewards
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         scores = [task_reward(text, answers[i // n]) for i, text in enumerate(texts)]
         rewards = torch.tensor([score["overall"] for score in scores], dtype=torch.float32, device=device)  # [B*n]
+        # 3. group advantages
         advantages = group_advantages(rewards, n)                                            # [B*n]
-        rewarded = _clock(device)
+        times["rewarded"] = _clock(device)
+        # 4. old and reference log-probs. One update per step is on-policy: the old log-probs are the update's own,
+        # detached (TRL does the same with num_iterations 1), which saves a pass; with more updates the later ones
+        # need the rollout policy's
         rollouts = Rollouts(batch, completion_ids, completion_mask, n)
-        # one update per step is on-policy: the old log-probs are the update's own, detached (TRL does the same
-        # with num_iterations 1), which saves a pass; with more updates the later ones need the rollout policy's
         old_logp = (rollout_logprobs(policy, rollouts, cfg.shared_prompt, cfg.max_tokens_per_micro_batch,
                                      temperature) if cfg.updates_per_step > 1 else None)     # [B*n, R]
     ref_logp = (rollout_logprobs(reference, rollouts, cfg.shared_prompt, cfg.max_tokens_per_micro_batch,
                                  temperature) if cfg.kl_coef > 0 else None)                  # [B*n, R]
-    scored = _clock(device)
-
+    times["scored"] = _clock(device)
+    # 5. the updates
     policy.train()
     update_metrics = update_policy(policy, optimizer, rollouts, old_logp, ref_logp, advantages, cfg)
     policy.train(was_training)
-    updated = _clock(device)
+    times["updated"] = _clock(device)
 
-    # metrics: sums on this rank, then over ranks
+    metrics = _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, batch, n, times)
+    metrics.update(update_metrics, shared_prompt=float(cfg.shared_prompt))
+    prompt_texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    lengths = completion_mask.sum(1)                                                          # [B*n]
+    records = [{"index": i // n, "sample": i % n, "task": tasks[i // n], "prompt": prompt_texts[i // n],
+                "completion": text, "answer": answers[i // n], "parsed": extract_boxed(text),
+                "reward": score["overall"], "accuracy": score["accuracy"], "format": score["format"],
+                "advantage": float(advantages[i]), "length": int(lengths[i]), "truncated": bool(truncated[i])}
+               for i, (text, score) in enumerate(zip(texts, scores))]
+    return metrics, records
+
+
+def _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, batch, n, times):
+    """The step's figures over all ranks, under TRL's names where TRL has one (reward, reward_std,
+    frac_reward_zero_std, completions/...), per task too; sums on this rank first, then over ranks."""
     lengths = completion_mask.sum(1)                                                          # [B*n]
     grouped = rewards.view(-1, n)                                                            # [B, n]
     local = defaultdict(float)
@@ -609,7 +675,7 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
 
     task_names = sorted(key.split("/", 1)[1] for key in total if key.startswith("count/"))
     count = total["sequences"]
-    step_time = updated - start
+    step_time = times["updated"] - times["start"]
     metrics = {
         "reward": sum(total[f"sum/overall/{t}"] for t in task_names) / count,
         "reward_std": total["sum/reward_std"] / total["groups"],
@@ -623,13 +689,11 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
         "completions/clipped_ratio": total["truncated"] / count,
         "completions/num_truncated": total["truncated"],
         "completions/num_empty": total["empty"],
-        **update_metrics,
-        "shared_prompt": float(cfg.shared_prompt),
         "tokens_per_second": total["tokens"] / step_time,
-        "time/generate": generated - start,
-        "time/reward": rewarded - generated,
-        "time/logprobs": scored - rewarded,
-        "time/update": updated - scored,
+        "time/generate": times["generated"] - times["start"],
+        "time/reward": times["rewarded"] - times["generated"],
+        "time/logprobs": times["scored"] - times["rewarded"],
+        "time/update": times["updated"] - times["scored"],
         "time/step": step_time,
     }
     for task in task_names:
@@ -637,11 +701,18 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
         metrics[f"reward/{task}"] = total[f"sum/overall/{task}"] / task_count
         metrics[f"accuracy/{task}"] = total[f"sum/accuracy/{task}"] / task_count
         metrics[f"format/{task}"] = total[f"sum/format/{task}"] / task_count
+    return metrics
 
-    prompt_texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-    records = [{"index": i // n, "sample": i % n, "task": tasks[i // n], "prompt": prompt_texts[i // n],
-                "completion": text, "answer": answers[i // n], "parsed": extract_boxed(text),
-                "reward": score["overall"], "accuracy": score["accuracy"], "format": score["format"],
-                "advantage": float(advantages[i]), "length": int(lengths[i]), "truncated": bool(truncated[i])}
-               for i, (text, score) in enumerate(zip(texts, scores))]
-    return metrics, records
+
+def _gather_sums(local):
+    """Combine per-rank dicts of sums ('max/...' keys take the max) into global ones."""
+    if not dist.is_initialized():
+        return dict(local)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    combined = {}
+    for part in parts:
+        for key, value in part.items():
+            combined[key] = (max(combined.get(key, value), value) if key.startswith("max/")
+                             else combined.get(key, 0) + value)
+    return combined

@@ -1,28 +1,25 @@
-"""Spatial-SSRL (arXiv 2510.27606) from scratch: self-supervised spatial pretext tasks, an SFT cold start, then GRPO.
+"""Spatial-SSRL (arXiv 2510.27606) from scratch, the entry point: flags, models, the SFT and GRPO loops, evaluation.
+Not the algorithm (grpo.py), nor the tasks (tasks.py), nor the CPU demo's tiny model (tiny.py).
 
-One file, in the order the data flows: flags -> compute init -> model, tokenizer and processor -> prompts ->
-the tiny base's perception pre-training -> SFT -> evaluation -> checkpoints and metrics -> GRPO loop -> main.
+In the order a reader looks for things: flags -> compute -> model and prompts -> the cold start -> the GRPO loop ->
+evaluation -> checkpoints and metrics -> main.
 
-    python ssrl.py                                 # the whole recipe on the tiny base (cold start, then GRPO)
-    python ssrl.py --stage sft                     # CPU, minutes: build tiny data, eval, SFT cold start, eval
+    python ssrl.py                                 # the whole recipe on the tiny base (cold start, then GRPO), CPU
+    python ssrl.py --stage sft                     # build tiny data, eval, SFT cold start, eval
     python ssrl.py --eval runs/ssrl/checkpoint-120 # greedy eval of a checkpoint on the held-out split
     python ssrl.py --eval CKPT --eval-tsv WhatsUp.tsv 3DSRBench.tsv   # VLMEvalKit-style multiple-choice TSVs
-    python ssrl.py --plot runs/ssrl                # metrics.jsonl -> metrics.png (needs matplotlib)
+    python ssrl.py --plot runs/ssrl                # metrics.jsonl -> metrics.png
     torchrun --nproc_per_node 8 ssrl.py --model qwen2.5-vl-7b --data data/spatial-ssrl-81k
     python ssrl.py --model qwen3-vl-4b --init random --stage sft   # real architecture, random weights (speed/memory)
-    python ssrl.py --stage pretrain                # remake checkpoints/tiny-qwen3-vl, the shipped tiny base
 
-Defaults are the paper's recipe (spec section 3); the tiny presets (`tiny-qwen3-vl`, the default, which starts from
-the shipped base in checkpoints/, and `tiny-qwen2.5-vl`) replace some of them with `TINY_DEFAULTS` so that a 2-core
-CPU learns something in minutes.
+Defaults are the paper's recipe (section 4.1 and the released training scripts); the tiny presets (`tiny-qwen3-vl`,
+the default, and `tiny-qwen2.5-vl`) replace some of them with tiny.TINY_DEFAULTS so that a CPU learns in minutes.
 Everything a run writes goes under --out: metrics.jsonl, eval-<stage>.json, checkpoint-<step>/ folders that
 `AutoModelForImageTextToText.from_pretrained` loads as they are, and metrics.png.
 """
 import argparse
-import base64
-import csv
-import io
-import itertools
+import datetime
+import importlib.util
 import json
 import math
 import os
@@ -32,17 +29,27 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 from PIL import Image
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm.auto import tqdm
+from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen3VLConfig,
+                          Qwen3VLProcessor, get_constant_schedule, get_constant_schedule_with_warmup,
+                          get_cosine_schedule_with_warmup)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging as transformers_logging
 
 import grpo
 import tasks
+import tiny
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Flags
@@ -55,42 +62,10 @@ PRESETS = {  # name -> (family, hub id); the tiny ones are built from a config i
     "qwen3-vl-4b": ("qwen3_vl", "Qwen/Qwen3-VL-4B-Instruct"),
 }
 
-# What the tiny presets change, and why: a 2M-parameter model, pre-trained on a CPU for perception only (--stage
-# pretrain), must train its vision tower (it is far from done), needs a learning rate ~100x the recipe's, sees 112-px
-# images (12-16 visual tokens each) and can only afford a few thousand SFT examples on a CPU. It needs optimizer
-# steps more than examples (batch 16, not 32: the format is learnt within ~100 steps). SFT lr 1e-3, a third of what
-# the from-scratch model used: its cold start must keep what the base sees (depth after it reached 0.54-0.58 in our
-# first two runs from a base; docs/tiny-model.md). 200 held-out prompts per task (a standard error of <= 0.035 on
-# an accuracy, against 0.07 with 50) take ~15 s to evaluate: the base answers briefly.
-TINY_DEFAULTS = dict(
-    data="data/tiny", per_task=1200, eval_per_task=200, image_size=112,
-    sft_learning_rate=1e-3, sft_num_train_epochs=1, sft_data_fraction=1.0, sft_global_batch_size=16,
-    sft_micro_batch_size=16, sft_weight_decay=0.0, freeze_vision_tower=False, freeze_multi_modal_projector=False,
-    sft_min_pixels=56 * 56, sft_max_pixels=128 * 128, min_pixels=56 * 56, max_pixels=128 * 128,
-    max_prompt_length=1024, max_response_length=128, eval_batch_size=64, save_steps=200, gradient_checkpointing=False,
-)
-
-
-# GRPO on the tiny model: a learning rate 100x the recipe's (1e-4 was stable here; after cold starts from a base,
-# 3e-4 took depth from 0.85 to 0.49 at step 50 and 0.72 at 100, 5e-4 from 0.54 to 0.00 at 50), 16 prompts x 5 responses
-# per step, one update per step, 200 steps (~4 minutes on one core, 1.3 s a step: what the 10-minute default run
-# has room for; docs/tiny-model.md has what longer runs do).
-TINY_GRPO_DEFAULTS = dict(
-    max_steps=200, rollout_batch_size=16, global_batch_size=16, learning_rate=1e-4, weight_decay=0.0,
-    rollout_micro_batch_size=16, eval_steps=0, rollout_save_steps=20,
-)
-
 # Prompts per generate call per rank (--rollout-micro-batch-size), each with its n = 5 responses, so that the KV
-# cache stays within ~16 GB of an 80 GB GPU. Per prompt it holds n x (prompt + response) tokens; a 5-image crop prompt
-# is ~2,000 tokens at 512 px and responses run to 2,048, so 5 x 4,096 tokens times the KV bytes per token
-# (2 x layers x kv heads x head dim x 2 bytes in bf16):
-#   qwen2.5-vl-3b  36 x 2 x 128 x 4 =  36.9 KB/token -> 0.76 GB per prompt -> 16 prompts (12 GB)
-#   qwen2.5-vl-7b  28 x 4 x 128 x 4 =  57.3 KB/token -> 1.17 GB per prompt -> 12 prompts (14 GB)
-#   qwen3-vl-4b    36 x 8 x 128 x 4 = 147.5 KB/token -> 3.02 GB per prompt ->  4 prompts (12 GB)
-# What else holds the GPU meanwhile (grads are freed between steps): 7B on 8 GPUs, 12 B/param of fp32 master and
-# Adam state sharded (12.4 GB) + the gathered bf16 policy (16.6 GB) + the bf16 reference's shard (2.1 GB); 3B on one
-# GPU, 45 GB + 7.5 GB + 7.5 GB. One generate call over a rank's whole share (160 sequences for 7B on 8 GPUs) would
-# hold ~37 GB of KV cache, and 190 GB for 3B on one GPU.
+# cache stays within ~12-14 GB of an 80 GB GPU: a 5-image crop prompt is ~2,000 tokens at 512 px and responses run to
+# 2,048, so 5 x 4,096 tokens x grpo.kv_bytes_per_token per prompt: 3B 0.76 GB -> 16 prompts, 7B 1.17 GB -> 12,
+# Qwen3-VL-4B 3.02 GB -> 4 (`python -m bench.memory` adds up everything else a GPU holds meanwhile).
 PRESET_DEFAULTS = {
     "qwen2.5-vl-3b": dict(rollout_micro_batch_size=16),
     "qwen2.5-vl-7b": dict(rollout_micro_batch_size=12),
@@ -127,9 +102,10 @@ def build_parser():
     add("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS, help="pretext tasks to train and evaluate")
     add("--per-task", type=int, default=4000, help="training samples per task when the data is built")
     add("--eval-per-task", type=int, default=200, help="held-out samples per task when the data is built")
-    add("--image-size", type=int, default=512, help="longest image side when the data is built")
+    add("--max-side", type=int, default=512, help="longest image side when the data is built")
     add("--seed", type=int, default=1, help="seed for model init, data order and sampling (EasyR1 data.seed)")
-    # SFT cold start: LLaMA-Factory's recipe (spec 3.1), flag names as in TRL's SFTConfig with an sft- prefix.
+    # SFT cold start: LLaMA-Factory's recipe (paper section 4.1; InternLM/Spatial-SSRL training/SFT-coldstart/
+    # sft_scripts/*.yaml), flag names as in TRL's SFTConfig with an sft- prefix.
     # Our choice: full fine-tuning of the language model, where the released config uses LoRA rank 128 (alpha 256)
     # on its linear layers. The cold start only teaches the answer format (75 steps at lr 1e-5; "hardly improves
     # spatial understanding", training.md); GRPO then updates every parameter with AdamW anyway, so a full-parameter
@@ -161,7 +137,8 @@ def build_parser():
     add("--eval-limit", type=int, default=None, help="evaluate at most this many held-out samples per task")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute each layer's activations in backward: one 4k-token crop sequence on 7B holds ~42 GB without")
-    # GRPO: EasyR1's recipe as the Spatial-SSRL scripts set it (spec 3.2 and 5); EasyR1 names, TRL's where EasyR1 has none
+    # GRPO: EasyR1's recipe as the Spatial-SSRL scripts set it (training/GRPO/examples/config.yaml and
+    # spatial-ssrl_qwen*.sh); EasyR1's flag names, TRL's where EasyR1 has none
     add("--max-steps", type=int, default=360, help="GRPO steps (the paper reports 360)")
     add("--rollout-batch-size", type=int, default=256, help="prompts per GRPO step over all ranks (data.rollout_batch_size)")
     add("--global-batch-size", type=int, default=128, help="prompts per optimizer update (actor.global_batch_size): "
@@ -208,13 +185,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.eval:
         args.stage, args.model = "eval", args.eval
-    tiny = is_tiny(args.model)
-    if tiny or args.model in PRESET_DEFAULTS:
-        parser.set_defaults(**(dict(**TINY_DEFAULTS, **TINY_GRPO_DEFAULTS) if tiny else PRESET_DEFAULTS[args.model]))
+    small = is_tiny(args.model)
+    if small or args.model in PRESET_DEFAULTS:
+        parser.set_defaults(**(dict(**tiny.TINY_DEFAULTS, **tiny.TINY_GRPO_DEFAULTS) if small
+                              else PRESET_DEFAULTS[args.model]))
         eval_model, args = args.model, parser.parse_args(argv)
         if args.eval:
             args.stage, args.model = "eval", eval_model
-    args.tiny = tiny    # saved with each checkpoint, so that a checkpoint of a tiny model keeps the tiny defaults
+    args.tiny = small   # saved with each checkpoint, so that a checkpoint of a tiny model keeps the tiny defaults
     args.data = args.data or "data/ssrl"
     if not (args.model in PRESETS or Path(args.model).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
         raise UserError(f"unknown --model {args.model!r}: choose one of {', '.join(PRESETS)}, a model folder or a "
@@ -242,9 +220,8 @@ def is_tiny(model):
     state = Path(model) / "trainer_state.json"
     return state.is_file() and bool(json.loads(state.read_text())["args"].get("tiny"))
 
-
 # ---------------------------------------------------------------------------------------------------------------
-# Compute init
+# Compute
 
 @dataclass
 class Dist:
@@ -268,12 +245,11 @@ def compute_init(dtype="auto", timeout=3600):
     MixedPrecisionPolicy (bf16 copies for each forward and backward, fp32 gradients), also for one process. An
     optimizer stepping bf16 weights silently learns nothing at the recipe's rates: 10 AdamW steps at lr 1e-6
     change 1.9% of bf16 weights (mean |dw| 5.5e-8, below bf16's rounding step) against 99.99% of fp32 weights
-    (measured, torch 2.13; shared/notes/scale.md).
+    (measured, torch 2.13).
 
     Threads: OMP_NUM_THREADS when set, else the cores this process may use shared among the local ranks (1 per
-    rank on 2 cores). Oversubscribed threads made steps 10-30x slower on the 2-core box (notes/env.md section 7).
+    rank on 2 cores): oversubscribed threads made steps 10-30x slower on a 2-core machine.
     """
-    import datetime
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -300,14 +276,6 @@ def print0(*values, dist=None, **kwargs):
         print(*values, **kwargs, flush=True)
 
 
-def all_reduce_sum(values, dist):
-    """Sum a list of floats over ranks (float64 on the compute device; a no-op without a process group)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=dist.device)
-    if dist.world > 1:
-        torch_dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def shard(model, compute_dtype, offload=False):
     """FSDP2: each vision block and decoder layer, then the root.
 
@@ -315,10 +283,8 @@ def shard(model, compute_dtype, offload=False):
     and are all-gathered in `compute_dtype`; gradients are reduced in fp32. The model code is untouched; grpo
     gathers it whole for generation (grpo.gathered) and per layer for the training passes.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
     if offload:   # parameters live on the CPU and are copied in per layer (used for the frozen reference)
-        from torch.distributed.fsdp import CPUOffloadPolicy
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for block in model.model.visual.blocks:
         fully_shard(block, **kwargs)
@@ -332,54 +298,8 @@ def shard(model, compute_dtype, offload=False):
     model._get_fsdp_state()._lazy_init()
     return model
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Models, tokenizer, processor
-
-QWEN_SPECIALS = ("<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
-                 "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> "
-                 "<|video_pad|> <tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> "
-                 "<|repo_name|> <|file_sep|> <tool_response> </tool_response> <think> </think>").split()
-NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
-# Qwen's pre-tokenizer split (digits one by one, words with their leading space, punctuation runs)
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-              r"|\s+(?!\S)|\s+")
-# The Qwen2-VL chat layout: an image is <|vision_start|><|image_pad|><|vision_end|> where it sits in the content.
-# Qwen2.5-VL opens with a default system turn, Qwen3-VL does not.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}SYSTEM{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-DEFAULT_SYSTEM = {"qwen2_5_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "qwen3_vl": ""}
-
-
-def train_tokenizer(texts, vocab_size=1024):
-    """A byte-level BPE trained on `texts`, wrapped for transformers, with the Qwen special tokens added last.
-
-    Byte-level, so any text still encodes; 0.01 s on a few hundred strings (notes/env.md section 3b).
-    """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN_SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.add_tokens([AddedToken(t, special=t not in NOT_SPECIAL, normalized=False) for t in QWEN_SPECIALS])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   padding_side="left", model_max_length=1 << 20)
-
 
 def processor_class(family):
     """The stock Qwen processor minus its video processor, which needs torchvision in transformers >= 5.4.
@@ -387,8 +307,6 @@ def processor_class(family):
     Saved as the stock class name, so `AutoProcessor` loads the folder wherever torchvision is installed;
     `load_processor` loads it everywhere.
     """
-    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
-    from transformers.processing_utils import ProcessorMixin
     base = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
 
     class ImageOnlyProcessor(base):
@@ -409,46 +327,15 @@ def processor_class(family):
 
 
 def image_processor(family, min_pixels, max_pixels):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     return Qwen2VLImageProcessorPil(patch_size=16 if family == "qwen3_vl" else 14, merge_size=2, temporal_patch_size=2,
                                     size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
 
 
 def build_tiny_processor(family, texts, vocab_size=1024):
-    tokenizer = train_tokenizer(texts, vocab_size)
-    template = CHAT_TEMPLATE.replace("SYSTEM", DEFAULT_SYSTEM[family])
-    tokenizer.chat_template = template
-    return processor_class(family)(image_processor(family, 56 * 56, 128 * 128), tokenizer, chat_template=template)
-
-
-def tiny_config(family, tokenizer):
-    """The tiny shape: a vision tower as deep and wide as notes/env.md section 7's best ("VS": depth 4, hidden 128)
-    with a language model of hidden 96 and 3 layers (1.7M parameters with the ~1k BPE vocab).
-
-    rope_theta 10 with most of each head's rotary pairs on the two spatial axes: with Qwen's 1e6 a step on the 4x4
-    visual grid turns a tiny head by <= 0.03 rad and spatial tasks stayed at chance; with 10 it turns 0.1-1 rad.
-    The language model is larger than VS's (64 wide, 2 layers) because our answers are reasoned sentences: in the
-    default 375-step cold start VS learnt the format but not to write a permutation (it answered "1-2-2"); 96x3
-    reached a lower loss per step at ~1.4x the step time (measured on the 2-core box, batch 16: 0.40 s vs 0.55 s).
-    """
-    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    vocab = -(-len(tokenizer) // 64) * 64
-    text = dict(vocab_size=vocab, hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id)
-    vision = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=96,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen2_5_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 5, 5]}
-        vision.update(patch_size=14, window_size=112, fullatt_block_indexes=[1, 3])
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
-    text.update(head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [4, 4, 4],
-                                              "mrope_interleaved": True})
-    vision.update(patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[1])
-    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    """A processor around tiny.train_tokenizer's BPE trained on `texts`, at the tiny presets' image sizes."""
+    tokenizer = tiny.train_tokenizer(texts, family, vocab_size)
+    return processor_class(family)(image_processor(family, tiny.MIN_PIXELS, tiny.MAX_PIXELS), tokenizer,
+                                   chat_template=tokenizer.chat_template)
 
 
 def real_config(name, tokenizer, layers=None):
@@ -458,7 +345,6 @@ def real_config(name, tokenizer, layers=None):
     def keep(indexes):
         return indexes if not layers else [i for i in indexes if i < layers] or [layers - 1]
 
-    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
@@ -506,10 +392,10 @@ def load_processor(path, family):
 
 def build_tiny(family="qwen2_5_vl", texts=None, seed=0):
     """A tiny model of `family` from random init and its processor; `texts` train the tokenizer."""
-    from transformers import AutoModelForImageTextToText
-    processor = build_tiny_processor(family, texts or tokenizer_corpus([]))
+    processor = build_tiny_processor(family, texts or tiny.tokenizer_corpus([]))
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(tiny_config(family, processor.tokenizer), attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_config(tiny.tiny_config(family, processor.tokenizer),
+                                                    attn_implementation="sdpa")
     return model, processor
 
 
@@ -520,7 +406,6 @@ def vision_attention(model, device):
     windowed and 4 full-attention blocks (3,520 for a 5-image crop prompt), each too small to keep a GPU busy. The
     language model stays on SDPA: the shared-prompt rows need its 4-D block mask, which flash attention does not
     take."""
-    import importlib.util
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         model.set_attn_implementation({"vision_config": "flash_attention_2"})
     return model
@@ -529,11 +414,13 @@ def vision_attention(model, device):
 def load_model(args, dist, corpus=()):
     """(model, processor, family) for --model: a preset, a local folder (checkpoint) or a hub id. The policy is
     always fp32: these are the master weights the optimizer updates (bf16 compute comes from `shard`)."""
-    from transformers import AutoModelForImageTextToText
     dtype = torch.float32
     name, remake = args.model, ""
     if name in PRESETS and PRESETS[name][1] is None and args.init == "pretrained":   # the shipped base: a folder
-        name, remake = str(check_base(name)), f"; remake it with `{remake_command(name)}`"
+        try:
+            name, remake = str(tiny.check_base(name)), f"; remake it with `{tiny.remake_command(name)}`"
+        except (OSError, ValueError) as error:
+            raise UserError(str(error)) from None
     if name in PRESETS:
         family, hub_id = PRESETS[name]
         if hub_id is None:                    # --init random: the from-scratch tiny model
@@ -544,7 +431,7 @@ def load_model(args, dist, corpus=()):
                 processor = load_processor(hub_id, family)
             except UserError:   # no cached hub files: a trained BPE with the specials; ids stay below the real vocab
                 print0(f"note: no tokenizer for {hub_id} offline; using a small BPE (real vocab size kept)", dist=dist)
-                processor = build_tiny_processor(family, list(corpus) or tokenizer_corpus([]))
+                processor = build_tiny_processor(family, list(corpus) or tiny.tokenizer_corpus([]))
             processor.image_processor = image_processor(family, args.min_pixels, args.max_pixels)
             torch.manual_seed(args.seed)
             with torch.device(dist.device):
@@ -554,8 +441,6 @@ def load_model(args, dist, corpus=()):
         path = hub_id
     elif Path(name).exists():
         family, path = model_family(name), name
-        if Path(name, ".incomplete").exists():
-            raise UserError(f"{name} is a half-written checkpoint; use an earlier complete one")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         path = name
         family = "qwen3_vl" if "qwen3" in name.lower() else "qwen2_5_vl"
@@ -567,48 +452,8 @@ def load_model(args, dist, corpus=()):
         raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}{remake}") from None
     return vision_attention(model.to(dist.device), dist.device), load_processor(path, family), family
 
-
 # ---------------------------------------------------------------------------------------------------------------
-# Prompts
-
-def chat_messages(problem, format_prompt=True):
-    """One user turn: the question stripped plus the format prompt (tasks.make_prompt), an image at each <image>."""
-    content = []
-    for i, text in enumerate((tasks.make_prompt(problem) if format_prompt else problem).split("<image>")):
-        if i:
-            content.append({"type": "image"})
-        if text:
-            content.append({"type": "text", "text": text})
-    return [{"role": "user", "content": content}]
-
-
-def prompt_text(processor, problem, format_prompt=True):
-    return processor.apply_chat_template(chat_messages(problem, format_prompt), tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def encode_prompts(processor, records, images, min_pixels, max_pixels):
-    """Left-padded chat-template inputs for a batch of records (dicts with "problem") and their PIL images.
-
-    Returns input_ids, attention_mask and mm_token_type_ids [B, P] (padded alike), pixel_values [patches, C*p*p],
-    image_grid_thw [n_images, 3] and images_per_sample [B]. Qwen2.5-VL silently falls back to 1-D positions when
-    mm_token_type_ids is missing (notes/env.md section 3), so every consumer must pass it on.
-    """
-    texts, flat = [], []
-    for record, record_images in zip(records, images):
-        if record["problem"].count("<image>") != len(record_images):
-            raise tasks.BadRecord(f"record {record.get('id')}: {record['problem'].count('<image>')} <image> "
-                                  f"placeholders but {len(record_images)} images")
-        texts.append(prompt_text(processor, record["problem"], record.get("format_prompt", True)))
-        flat.extend(record_images)
-    batch = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt",
-                      images_kwargs={"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}})
-    batch = dict(batch)
-    batch["images_per_sample"] = torch.tensor([len(x) for x in images], dtype=torch.long)
-    if "mm_token_type_ids" not in batch:
-        batch["mm_token_type_ids"] = (batch["input_ids"] == processor.image_token_id).long()
-    return batch
-
+# Prompts: records to model inputs (grpo.encode_prompts), never cut, unreadable ones skipped and counted
 
 def to_device(batch, device):
     """The batch on `device`, except images_per_sample: bookkeeping that stays on the CPU."""
@@ -617,7 +462,7 @@ def to_device(batch, device):
 
 def prompt_length(processor, record, min_pixels, max_pixels):
     """Prompt tokens of a record from its image sizes (headers only), without decoding the pixels."""
-    text_tokens = len(processor.tokenizer(prompt_text(processor, record["problem"]))["input_ids"])
+    text_tokens = len(processor.tokenizer(grpo.prompt_text(processor, record["problem"]))["input_ids"])
     merge = processor.image_processor.merge_size ** 2
     image_tokens = 0
     for path in record["images"]:
@@ -675,266 +520,8 @@ def stand_in(records, start=0):
             return kept[0], images[0]
     raise UserError("no record of the dataset has readable images")
 
-
 # ---------------------------------------------------------------------------------------------------------------
-# The tiny tokenizer's corpus
-
-def tokenizer_corpus(records, seed=0):
-    """Texts the tiny tokenizer is trained on: the prompts and cold-start answers of the given records."""
-    rng = random.Random(seed)
-    texts = [tasks.FORMAT_PROMPT, "You are a helpful assistant.", "\\boxed{A} \\boxed{B} \\boxed{C} \\boxed{D}"]
-    for record in records:
-        texts.append(record["problem"])
-        for _ in range(3):
-            texts.append(tasks.cold_start_response(record, rng))
-    return texts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Perception pre-training of the tiny base (--stage pretrain)
-#
-# The paper starts from a Qwen-VL that can already see. A tiny model from random init cannot tell where a 6-px
-# marker is, and a cold start on the pretext tasks alone never teaches it: every task stayed at chance and GRPO had
-# nothing to reinforce (docs/tiny-model.md). This stage gives the tiny model what a real VLM's pre-training gives:
-# tasks.PRIMITIVES (which marker, where, which is highest/lowest/leftmost/rightmost, is one above or left of another,
-# which option names a word, which option names where one marker is from another), questions generated on the fly
-# from rendered scenes, taught by SFT. What the probes measured to make them learnable on one CPU core
-# (docs/tiny-model.md, section 2):
-# - Qwen3-VL's learnt absolute position embedding in the vision tower, initialised at std 0.5 instead of 0.02, so
-#   that an image token carries where it is; Qwen2.5-VL (2-D RoPE only, a translation-invariant tower) stayed at
-#   chance on "where" on scenes whatever else changed. Hence the default tiny preset is tiny-qwen3-vl;
-# - markers of radius 6-24 px first (a tiny model learns colour and position on big ones, then small ones), a
-#   curriculum (one marker on a plain background, then scenes, then several markers: all kinds at once from the
-#   start stayed at chance through 3,000 steps), lr 5e-4 with cosine decay (2e-3 never left chance);
-# - then the depth task's look (3 markers of radius 6, 4-px gaps): 0.70-0.77 -> 0.90-0.97 on lowest/highest/
-#   leftmost/rightmost at that size;
-# - the option lookup, which the position task's letter needs (without it the cold start wrote the right direction
-#   in 60% of its reasonings and then the letter at chance), mixed with the comparisons: alone, it took ~750 steps
-#   to leave chance and the comparisons were forgotten (depth after the cold start 0.12 instead of 0.58). Mixed, it
-#   reaches ~0.47 on its own questions and does not carry over to the position prompt (docs/tiny-model.md);
-# - "choice": the position task's own shape (two markers, four options ~100 tokens back, the direction named in
-#   the reasoning, the options read in order up to it: tasks.scan_options), 60% of the last phase with the
-#   comparisons kept. From the phases before it, 1,000 steps took it 0.20 -> 0.65, 3,000 to 1.00 (n = 20); the
-#   shipped base's cold start then writes position's letter consistently with its own direction 0.67 of the time,
-#   not 0.19, and position reaches 0.43 (chance 0.25).
-#   The fifth phase's "option" questions ("Back is option C.") are what the reading replaced; they stay because the
-#   shipped base and its measurements were made with them (a base without them is a remake, not yet measured);
-# - half the questions carry the cold start's format prompt, so that perception survives behind a long prompt.
-
-@dataclass
-class Phase:
-    """A stretch of pre-training: `steps` batches of questions drawn uniformly from `kinds` ("kind/n" asks with n
-    markers; a repeated kind weighs more), a plain background in `plain` of them, marker radius 6-`max_radius` px
-    (6 when None), comparisons by >= `min_gap` px. `learning_rate` starts a fresh AdamW with linear warmup and a
-    cosine to 0 over the phases up to the next one that sets it."""
-    steps: int
-    kinds: tuple
-    plain: float = 0.0
-    max_radius: int | None = None
-    min_gap: int = 8
-    learning_rate: float | None = None
-    warmup: int = 50
-
-
-_COMPARE = ("highest", "lowest", "leftmost", "rightmost")
-PRETRAIN_PHASES = (
-    Phase(600, ("which", "where/1"), plain=1.0, max_radius=24, learning_rate=5e-4, warmup=100),
-    Phase(900, ("which", "where/1", "where"), plain=0.5, max_radius=24),
-    Phase(1500, ("which", "where/1", "where", *_COMPARE, "above", "left"), plain=0.2, max_radius=24),
-    Phase(1500, (*(k + "/3" for k in _COMPARE), "where/3"), min_gap=4, learning_rate=5e-4),
-    Phase(3000, ("option",) * 4 + tuple(k + "/3" for k in _COMPARE), min_gap=4, learning_rate=1e-3),
-    Phase(5000, ("choice",) * 6 + tuple(k + "/3" for k in _COMPARE), min_gap=4, learning_rate=1e-3),
-)
-PRETRAIN_POSITION_STD = 0.5
-PRETRAIN_EVAL_KINDS = ("which", "where", *_COMPARE, "above", "left", "option", "choice")
-
-
-def shipped_base(name):
-    """checkpoints/<tiny preset>: the preset's perception base, as --stage pretrain writes it."""
-    return Path(__file__).resolve().parent / "checkpoints" / name
-
-
-def remake_command(name):
-    return f"python ssrl.py --stage pretrain --model {name}"
-
-
-def check_base(name):
-    """The shipped base's folder, after checking that its weights are the ones pretrain.json recorded."""
-    path = shipped_base(name)
-    recipe, weights = path / "pretrain.json", path / "model.safetensors"
-    if not recipe.is_file() or not weights.is_file():
-        raise UserError(f"no perception base for {name} in {path}: make it with `{remake_command(name)}` "
-                        "(~50 CPU-minutes), or start from random weights with --init random")
-    try:
-        expected = json.loads(recipe.read_text())["sha256"]
-    except (ValueError, KeyError):
-        expected = None
-    if expected != file_sha256(weights):
-        raise UserError(f"the perception base in {path} is corrupted (its weights do not match pretrain.json): "
-                        f"restore it with `git checkout -- {path}` or remake it with `{remake_command(name)}`")
-    return path
-
-
-def file_sha256(path):
-    import hashlib
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def primitive_record(sample, format_prompt=True):
-    """A tasks.primitive_sample as a record (the image stays in memory) and its image."""
-    return ({"task": "primitive", "problem": sample.problem, "answer": sample.answer, "meta": sample.meta,
-             "format_prompt": format_prompt}, sample.images[0])
-
-
-def primitive_examples(rng, phase, count):
-    """`count` (record, image) pairs of the phase's kinds; half the records ask with the format prompt."""
-    out = []
-    for _ in range(count):
-        kind, _, markers = rng.choice(phase.kinds).partition("/")
-        sample = tasks.primitive_sample(rng, kind, 112, 6, phase.max_radius, rng.random() < phase.plain,
-                                        phase.min_gap, int(markers) if markers else None)
-        out.append(primitive_record(sample, rng.random() < 0.5))
-    return out
-
-
-def pretrain_corpus(seed):
-    """The base's tokenizer corpus: every pretext prompt and cold-start answer of a small build, and primitives."""
-    import tempfile
-    with tempfile.TemporaryDirectory() as root:
-        tasks.build_dataset(root, per_task=100, eval_per_task=1, seed=seed, max_side=112, progress=False)
-        corpus = tokenizer_corpus(tasks.load_records(root, "train"), seed)
-    rng = random.Random(f"{seed}:corpus")
-    for kind in PRETRAIN_EVAL_KINDS:
-        for _ in range(40):
-            sample = tasks.primitive_sample(rng, kind, 112, 6, 24, rng.random() < 0.5)
-            corpus += [sample.problem, tasks.cold_start_response(primitive_record(sample)[0], rng)]
-    return corpus
-
-
-@torch.no_grad()
-def evaluate_primitives(model, processor, held_out, batch_size=60, max_new_tokens=80):
-    """Greedy held-out accuracy per primitive kind (and all), asked with the format prompt as the cold start asks."""
-    model.eval()
-    right = defaultdict(list)
-    for start in range(0, len(held_out), batch_size):
-        chunk = held_out[start:start + batch_size]
-        batch = encode_prompts(processor, [r for r, _ in chunk], [[image] for _, image in chunk], 56 * 56, 128 * 128)
-        texts = processor.tokenizer.batch_decode(generate_greedy(model, processor, batch, max_new_tokens),
-                                                 skip_special_tokens=True)
-        for (record, _), text in zip(chunk, texts):
-            right[record["meta"]["kind"]].append(tasks.reward(text, record["answer"])["accuracy"])
-    model.train()
-    results = {kind: sum(v) / len(v) for kind, v in right.items()}
-    results["all"] = sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values())
-    return results
-
-
-def primitive_held_out(seed, count):
-    """`count` held-out primitives at the tasks' marker size (radius 6), the kinds in turn, on scenes."""
-    rng = random.Random(f"{seed}:pretrain-eval")
-    kinds = PRETRAIN_EVAL_KINDS
-    return [primitive_record(tasks.primitive_sample(rng, kinds[i % len(kinds)], 112, 6)) for i in range(count)]
-
-
-def pretrain(args, dist):
-    """Build a tiny model from random init, teach it the perception primitives (PRETRAIN_PHASES), and save it as a
-    from_pretrained folder: weights, tokenizer, processor, and pretrain.json (recipe, held-out accuracy per kind,
-    the weights' sha256, the command that remakes it)."""
-    from transformers import get_cosine_schedule_with_warmup
-    if dist.world > 1:
-        raise UserError("--stage pretrain runs in one process")
-    if args.model not in PRESETS or PRESETS[args.model][1] is not None:
-        raise UserError("--stage pretrain builds a tiny preset's base: --model tiny-qwen3-vl or tiny-qwen2.5-vl")
-    family = PRESETS[args.model][0]
-    default_out = args.out == build_parser().get_default("out")
-    out = shipped_base(args.model) if default_out else Path(args.out)
-    run_dir = Path("runs") / f"pretrain-{args.model}" if default_out else out.parent / f"pretrain-{out.name}"
-    started, cpu_started = time.perf_counter(), time.process_time()
-    model, processor = build_tiny(family, pretrain_corpus(args.seed), seed=args.seed)
-    if family == "qwen3_vl":     # an image token should know where it is from the start
-        with torch.no_grad():
-            model.model.visual.pos_embed.weight.normal_(0.0, PRETRAIN_POSITION_STD)
-    rng = random.Random(f"{args.seed}:pretrain")
-    held_out = primitive_held_out(args.seed, args.pretrain_eval)
-    phases = [replace(p, steps=max(1, round(p.steps * args.pretrain_scale))) for p in PRETRAIN_PHASES]
-    steps = sum(phase.steps for phase in phases)
-    metrics = Metrics(run_dir, dist, report_to=args.report_to, config=vars(args))    # metrics.jsonl, as every stage
-    print0(f"pretrain: {steps} steps of {args.pretrain_batch_size} primitive questions, "
-           f"{sum(p.numel() for p in model.parameters()):,} parameters", dist=dist)
-    progress = Progress(steps, 0, "pretrain", dist)
-    history, step = [], 0
-    model.train()
-    for index, phase in enumerate(phases):
-        if phase.learning_rate:
-            span = phase.steps + sum(p.steps for p in itertools.takewhile(lambda p: not p.learning_rate,
-                                                                          phases[index + 1:]))
-            optimizer = torch.optim.AdamW(model.parameters(), lr=phase.learning_rate, weight_decay=0.0)
-            scheduler = get_cosine_schedule_with_warmup(optimizer, min(phase.warmup, span // 2), span)
-        for _ in range(phase.steps):
-            step += 1
-            batch = primitive_examples(rng, phase, args.pretrain_batch_size)
-            records, images = [r for r, _ in batch], [[image] for _, image in batch]
-            prompts = encode_prompts(processor, records, images, 56 * 56, 128 * 128)
-            ids, mask = encode_responses(processor.tokenizer, [tasks.cold_start_response(r, rng) for r in records])
-            logp = grpo.response_logprobs(model, prompts, ids, mask)
-            loss = -(logp * mask).sum() / mask.sum()
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            row = {"stage": "pretrain", "step": step, "phase": index, "loss": loss.item(),
-                   "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
-            if step % args.pretrain_eval_steps == 0 or step == steps:
-                results = evaluate_primitives(model, processor, held_out)
-                row.update({f"eval/{kind}": value for kind, value in results.items()})
-                history.append({"step": step, **results})
-                progress.bar.write(f"pretrain step {step} ({time.perf_counter() - started:.0f} s): held-out accuracy "
-                                   + " ".join(f"{k} {v:.2f}" for k, v in results.items()))
-            metrics.log(row)
-            progress.update(row, every=args.logging_steps)
-    progress.close()
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    temp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(temp, ignore_errors=True)
-    model.save_pretrained(temp, safe_serialization=True)
-    processor.save_pretrained(temp)
-    recipe = {"tiny": True, "model": args.model, "seed": args.seed, "steps": steps,
-              "batch_size": args.pretrain_batch_size, "phases": [vars(phase) for phase in phases],
-              "position_embedding_std": PRETRAIN_POSITION_STD if family == "qwen3_vl" else None,
-              "wall_seconds": round(seconds), "cpu_seconds": round(cpu), "threads": torch.get_num_threads(),
-              "held_out": history[-1], "chance": tasks.PRIMITIVE_CHANCE, "history": history,
-              "sha256": file_sha256(temp / "model.safetensors"),
-              "command": remake_command(args.model) + (f" --seed {args.seed}" if args.seed != 1 else "")
-              + (f" --pretrain-scale {args.pretrain_scale}" if args.pretrain_scale != 1 else "")}
-    (temp / "pretrain.json").write_text(json.dumps(recipe, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(temp, out)
-    plot_metrics(run_dir)
-    print0(f"base written to {out} ({seconds / 60:.1f} min wall, {cpu / 60:.1f} CPU-min); held-out accuracy: "
-           + " ".join(f"{k} {v:.2f} (chance {tasks.PRIMITIVE_CHANCE[k]:.2f})" for k, v in history[-1].items()
-                      if k in tasks.PRIMITIVE_CHANCE) + f", all {history[-1]['all']:.2f}", dist=dist)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SFT cold start
-
-def encode_responses(tokenizer, responses):
-    """Right-padded response ids [B, R] ending in <|im_end|> (the end of the assistant turn) and their mask."""
-    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in responses]
-    width = max(len(x) for x in ids)
-    completion_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    completion_mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        completion_ids[i, :len(row)] = torch.tensor(row)
-        completion_mask[i, :len(row)] = 1
-    return completion_ids, completion_mask
-
+# The SFT cold start
 
 def sft_subset(records, fraction, seed):
     """The cold-start subset: a seeded random `fraction` of the training split (the paper: ~3,600 of 81k)."""
@@ -952,7 +539,6 @@ def freeze_for_sft(model, freeze_vision_tower, freeze_projector):
 
 
 def sft_schedule(optimizer, args, total_steps):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
     warmup = math.ceil(args.sft_warmup_ratio * total_steps)
     if args.sft_lr_scheduler_type == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
@@ -967,7 +553,7 @@ def step_examples(examples, step, steps_per_epoch, global_batch, seed):
     return epoch, [examples[i] for i in order[index * global_batch:(index + 1) * global_batch]]
 
 
-def micro_batches(share, micro_size, count):
+def rank_micro_batches(share, micro_size, count):
     """`count` micro-batches of this rank's share; missing ones repeat an example with weight 0 so that every
     rank runs the same number of forward passes (FSDP collectives)."""
     batches = [(share[i:i + micro_size], 1.0) for i in range(0, len(share), micro_size)]
@@ -994,7 +580,7 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
         epoch, batch = step_examples(examples, step, steps_per_epoch, args.sft_global_batch_size, args.seed)
         share = batch[dist.rank::dist.world]
         prepared, skipped = [], 0
-        for records, weight in micro_batches(share, args.sft_micro_batch_size, micro_count):
+        for records, weight in rank_micro_batches(share, args.sft_micro_batch_size, micro_count):
             kept, images, bad = open_batch([r for r in records if r is not None])
             skipped += bad
             if not kept:     # nothing readable: a weight-0 pass keeps the ranks' forward counts equal
@@ -1006,14 +592,14 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
         local_tokens = 0
         encoded = []
         for kept, images, responses, weight in prepared:
-            completion_ids, completion_mask = encode_responses(processor.tokenizer, responses)
+            completion_ids, completion_mask = grpo.encode_responses(processor.tokenizer, responses)
             local_tokens += int(completion_mask.sum()) * weight
             encoded.append((kept, images, completion_ids, completion_mask, weight))
-        total_tokens, total_skipped = all_reduce_sum([local_tokens, skipped], dist)
+        total_tokens, total_skipped = grpo.all_reduce([local_tokens, skipped], device=dist.device)
         loss_sum, task_sums = 0.0, defaultdict(lambda: [0.0, 0.0])
         for kept, images, completion_ids, completion_mask, weight in encoded:
-            prompts = to_device(encode_prompts(processor, kept, images, args.sft_min_pixels, args.sft_max_pixels),
-                                dist.device)
+            prompts = to_device(grpo.encode_prompts(processor, kept, images, args.sft_min_pixels,
+                                                    args.sft_max_pixels), dist.device)
             logp = grpo.response_logprobs(model, prompts, completion_ids.to(dist.device),
                                           completion_mask.to(dist.device))                      # [B, R]
             mask = completion_mask.to(dist.device, logp.dtype)
@@ -1033,7 +619,7 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
         optimizer.zero_grad(set_to_none=True)
         step += 1
         names = sorted(tasks.TASKS)
-        sums = all_reduce_sum([loss_sum] + [task_sums[t][i] for t in names for i in (0, 1)], dist)
+        sums = grpo.all_reduce([loss_sum] + [task_sums[t][i] for t in names for i in (0, 1)], device=dist.device)
         elapsed = time.perf_counter() - started
         row = {"stage": "sft", "step": step, "epoch": epoch, "loss": sums[0] / max(total_tokens, 1),
                "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
@@ -1049,6 +635,143 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
     progress.close()
     return step
 
+
+def run_sft(args, dist, model, processor, train, state, resume, metrics):
+    """The cold start with its own optimizer, freed on return: GRPO's AdamW then holds the only fp32 Adam state
+    (7B under FSDP on 8 GPUs: the SFT optimizer's 7.6 GB per GPU would otherwise stay alive through GRPO)."""
+    parameters = freeze_for_sft(model, args.freeze_vision_tower, args.freeze_multi_modal_projector)
+    optimizer = torch.optim.AdamW(parameters, lr=args.sft_learning_rate, weight_decay=args.sft_weight_decay)
+    examples = sft_subset(train, args.sft_data_fraction, args.seed)
+    total = max(1, math.ceil(args.sft_num_train_epochs * math.ceil(len(examples) / args.sft_global_batch_size)))
+    scheduler = sft_schedule(optimizer, args, total)
+    if resume:
+        load_trainer_state(resume, dist, model, optimizer, scheduler)
+    if state and state["step"] >= total:
+        return state["step"]
+    return train_sft(args, dist, model, processor, train, optimizer, scheduler, state, metrics)
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GRPO loop (grpo.grpo_step does the algorithm)
+
+def save_reference(args, dist, model, processor):
+    """OUT/reference: the policy as GRPO starts, the frozen model of the KL term, kept apart from the rotating
+    checkpoints so that a resumed run finds it."""
+    path = Path(args.out) / "reference"
+    model_state, _ = full_state_dicts(model, None)
+    if dist.rank == 0:
+        with tasks.written_atomically(path) as temp:
+            model.save_pretrained(temp, state_dict=model_state, safe_serialization=True)
+            processor.save_pretrained(temp)
+    if dist.world > 1:
+        torch_dist.barrier()
+    return path
+
+
+def load_reference(path, dist, offload=False):
+    """The frozen reference in the compute dtype (it is never updated: bf16 halves it, 2 B per parameter), sharded
+    like the policy; its passes gather it once and reshard it after (grpo.rollout_logprobs)."""
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"GRPO reference model {path} is missing; restart the GRPO stage without --resume")
+    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dist.dtype, attn_implementation="sdpa")
+    reference = vision_attention(reference.to("cpu" if offload else dist.device), dist.device)
+    reference = reference.eval().requires_grad_(False)
+    if dist.sharded:
+        reference = shard(reference, dist.dtype, offload=offload)
+    return reference
+
+
+def rollout_prompts(args, dist, records, step, steps_per_epoch):
+    """This rank's prompts of GRPO step `step` (a seeded shuffle per epoch, so the step is the data position) with
+    their images. Unreadable records are counted and replaced by readable ones of the same share, because every
+    rank must pass the same number of prompts to the collective passes."""
+    _, batch = step_examples(records, step, steps_per_epoch, args.rollout_batch_size, args.seed + 1)
+    share = batch[dist.rank::dist.world]
+    kept, images, skipped = open_batch(share)
+    if not kept:
+        record, record_images = stand_in(records, start=step * args.rollout_batch_size + dist.rank)
+        kept, images = [record], [record_images]
+    readable = len(kept)
+    for i in range(len(share) - readable):
+        kept.append(kept[i % readable])
+        images.append(images[i % readable])
+    return kept, images, skipped
+
+
+def write_rollouts(args, dist, step, records, rollouts):
+    """OUT/rollouts/step-N.jsonl: every rank's rollouts with the record id and image paths, written by rank 0."""
+    for rollout in rollouts:
+        record = records[rollout["index"]]
+        rollout.update(id=record["id"], images=[str(p) for p in record["images"]], rank=dist.rank)
+    if dist.world > 1:
+        gathered = [None] * dist.world
+        torch_dist.all_gather_object(gathered, rollouts)
+        rollouts = [r for part in gathered for r in part]
+    if dist.rank == 0:
+        folder = Path(args.out) / "rollouts"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"step-{step}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
+
+
+def train_grpo(args, dist, model, processor, train_records, held_out, state, metrics, first_step=0):
+    """GRPO on the pretext tasks (grpo.grpo_step does the algorithm). Checkpoints are numbered on after the SFT
+    steps (`first_step`), so that the newest checkpoint is always the one to resume from."""
+    if args.rollout_batch_size % dist.world:
+        raise UserError(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of the {dist.world} "
+                        "ranks: each rank rolls out whole groups")
+    if len(train_records) < args.rollout_batch_size:
+        raise UserError(f"GRPO needs at least --rollout-batch-size {args.rollout_batch_size} training prompts; the "
+                        f"dataset has {len(train_records)} (lower the flag or add data)")
+    cfg = grpo.GRPOConfig(
+        num_generations=args.num_generations, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_response_length, clip_low=args.clip_ratio_low, clip_high=args.clip_ratio_high,
+        dual_clip=args.clip_ratio_dual, kl_coef=args.kl_coef,
+        updates_per_step=args.rollout_batch_size // args.global_batch_size,
+        rollout_micro_batch_size=args.rollout_micro_batch_size,
+        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, shared_prompt=args.shared_prompt,
+        max_grad_norm=args.max_grad_norm)
+    model.requires_grad_(True)   # full-parameter RL, vision tower included (EasyR1 freeze_vision_tower: false)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_constant_schedule(optimizer)
+    if state and state["stage"] == "grpo":
+        load_trainer_state(args.model, dist, model, optimizer, scheduler)
+        grpo_step, first_step, reference_path = state["grpo_step"], state["first_step"], state["reference"]
+    else:
+        grpo_step, reference_path = 0, save_reference(args, dist, model, processor)
+    reference = load_reference(reference_path, dist, args.ref_offload) if args.kl_coef > 0 else None
+    steps_per_epoch = max(1, len(train_records) // args.rollout_batch_size)
+    print0(f"grpo: {args.max_steps} steps of {args.rollout_batch_size} prompts x {args.num_generations} responses, "
+           f"{cfg.updates_per_step} update(s) per step, {len(train_records)} prompts", dist=dist)
+    progress = Progress(args.max_steps, grpo_step, "grpo", dist)
+    while grpo_step < args.max_steps:
+        # sampling seeded by (seed, step, rank): ranks draw different responses, reruns and resumed runs the same
+        torch.manual_seed(random.Random(f"{args.seed}-{grpo_step}-{dist.rank}").getrandbits(63))
+        records, images, skipped = rollout_prompts(args, dist, train_records, grpo_step, steps_per_epoch)
+        batch = to_device(grpo.encode_prompts(processor, records, images, args.min_pixels, args.max_pixels), dist.device)
+        step_metrics, rollouts = grpo.grpo_step(model, reference, optimizer, batch, [r["answer"] for r in records],
+                                                [r["task"] for r in records], processor, cfg)
+        scheduler.step()
+        grpo_step += 1
+        if grpo_step == 1 and step_metrics["format"] < 0.05:
+            print0(f"WARNING: format rate {step_metrics['format']:.3f} at the first GRPO step: the policy almost never "
+                   "writes <think>..</think> \\boxed{}; GRPO from here collapses (the paper's no-cold-start case). "
+                   "Run the SFT cold start first (--stage all) or start from its checkpoint.", dist=dist)
+        step = first_step + grpo_step
+        row = {"stage": "grpo", "step": step, "grpo_step": grpo_step, "learning_rate": scheduler.get_last_lr()[0],
+               "skipped_records": grpo.all_reduce([skipped], device=dist.device)[0], **step_metrics}
+        metrics.log(row)
+        progress.update(row, every=args.logging_steps)
+        if args.rollout_save_steps and grpo_step % args.rollout_save_steps == 0:
+            write_rollouts(args, dist, grpo_step, records, rollouts)
+        if args.eval_steps and grpo_step % args.eval_steps == 0 and grpo_step < args.max_steps:
+            results = evaluate(args, dist, model, processor, held_out)
+            metrics.log({"stage": "grpo", "step": step, **{f"eval/{key}/{task}": entry[key] for task, entry in
+                                                           results.items() for key in ("accuracy", "format")}})
+        if grpo_step % args.save_steps == 0 or grpo_step == args.max_steps:
+            save_checkpoint(args, dist, model, processor, step, "grpo", optimizer, scheduler,
+                            extra_state={"grpo_step": grpo_step, "first_step": first_step,
+                                         "reference": str(reference_path)})
+    progress.close()
+    return first_step + grpo_step
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
@@ -1072,48 +795,67 @@ def longest_first(processor, records, min_pixels, max_pixels):
     return sorted(records, key=length, reverse=True)
 
 
+def generate_answers(args, dist, model, processor, items, load, min_pixels, max_pixels):
+    """Greedy answers to this rank's `items`, --eval-batch-size at a time, in order, on the model gathered once: no
+    collective inside, so a rank whose items are unreadable (or fewer) cannot stall the others. `load` turns a slice
+    of items into (records, their images, how many were unreadable). Returns [(record, text)] and that count."""
+    was_training = model.training
+    model.eval()
+    answers, skipped = [], 0
+    progress = Progress(math.ceil(len(items) / args.eval_batch_size), 0, "eval", dist, leave=False)
+    with grpo.gathered(model):
+        for start in range(0, len(items), args.eval_batch_size):
+            records, images, bad = load(items[start:start + args.eval_batch_size])
+            skipped += bad
+            if records:
+                batch = grpo.encode_prompts(processor, records, images, min_pixels, max_pixels)
+                completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
+                answers += zip(records, processor.tokenizer.batch_decode(completions, skip_special_tokens=True))
+            progress.update({})
+    progress.close()
+    model.train(was_training)
+    return answers, skipped
+
+
 @torch.no_grad()
 def evaluate(args, dist, model, processor, records, min_pixels=None, max_pixels=None):
     """Greedy decoding over held-out records; per task and overall: reward, accuracy, format rate, n and chance.
-    Each rank decodes its strided share, --eval-batch-size prompts per generate call, on the model gathered once:
-    no collective until the final sums, so a rank whose records are unreadable (or fewer) cannot stall the others."""
+    Each rank decodes its strided share, longest prompts first."""
     min_pixels, max_pixels = min_pixels or args.min_pixels, max_pixels or args.max_pixels
-    was_training = model.training
-    model.eval()
-    sums = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])    # reward, accuracy, format, n
     share = longest_first(processor, records[dist.rank::dist.world], min_pixels, max_pixels)
-    progress = Progress(math.ceil(len(share) / args.eval_batch_size), 0, "eval", dist, leave=False)
-    skipped = 0
-    with grpo.gathered(model):
-        for start in range(0, len(share), args.eval_batch_size):
-            kept, images, bad = open_batch(share[start:start + args.eval_batch_size])
-            skipped += bad
-            if kept:
-                batch = encode_prompts(processor, kept, images, min_pixels, max_pixels)
-                completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
-                texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
-                for record, text in zip(kept, texts):
-                    score = tasks.reward(text, record["answer"])
-                    entry = sums[record["task"]]
-                    for i, key in enumerate(("overall", "accuracy", "format")):
-                        entry[i] += score[key]
-                    entry[3] += 1
-            progress.update({})
-    progress.close()
+    answers, skipped = generate_answers(args, dist, model, processor, share, open_batch, min_pixels, max_pixels)
+    sums = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])    # reward, accuracy, format, n
+    for record, text in answers:
+        score = tasks.reward(text, record["answer"])
+        entry = sums[record["task"]]
+        for i, key in enumerate(("overall", "accuracy", "format")):
+            entry[i] += score[key]
+        entry[3] += 1
     names = sorted({r["task"] for r in records})
-    totals = all_reduce_sum([sums[t][i] for t in names for i in range(4)] + [skipped], dist)
+    totals = grpo.all_reduce([sums[t][i] for t in names for i in range(4)] + [skipped], device=dist.device)
     results = {}
     for j, task in enumerate(names):
         reward_sum, accuracy_sum, format_sum, n = totals[4 * j:4 * j + 4]
         results[task] = {"reward": reward_sum / max(n, 1), "accuracy": accuracy_sum / max(n, 1),
-                         "format": format_sum / max(n, 1), "n": int(n), "chance": tasks.CHANCE[task]}
+                         "format": format_sum / max(n, 1), "n": int(n),
+                         "chance": tasks.TASKS[task].chance if task in tasks.TASKS else float("nan")}
     n_all = sum(r["n"] for r in results.values())
     results["all"] = {key: sum(r[key] * r["n"] for r in results.values()) / max(n_all, 1)
                       for key in ("reward", "accuracy", "format", "chance")}
     results["all"]["n"] = n_all
     if totals[-1]:
         print0(f"eval: skipped {int(totals[-1])} unreadable records", dist=dist)
-    model.train(was_training)
+    return results
+
+
+def run_evaluation(args, dist, model, processor, held_out, stage, evaluations):
+    results = evaluate(args, dist, model, processor, held_out)
+    evaluations[stage] = results
+    if dist.rank == 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"eval-{stage}.json").write_text(json.dumps(results, indent=1))
+        print0(f"\n{stage}: accuracy {results['all']['accuracy']:.3f} (chance {results['all']['chance']:.3f}), "
+               f"format {results['all']['format']:.3f}, reward {results['all']['reward']:.3f}")
     return results
 
 
@@ -1133,89 +875,16 @@ def format_table(evaluations):
     return "\n".join(lines)
 
 
-def read_tsv(path):
-    """Rows of a VLMEvalKit multiple-choice TSV: index, question, A..D (some may be empty), answer, image.
-
-    `image` is base64; VLMEvalKit stores a repeated image once and puts the index of its row in later ones.
-    """
-    csv.field_size_limit(1 << 30)
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"TSV {path} does not exist")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    missing = {"index", "question", "answer", "image", "A", "B"} - set(rows[0] if rows else ())
-    if missing:
-        raise UserError(f"{path} lacks the VLMEvalKit column(s) {', '.join(sorted(missing))}")
-    by_index = {row["index"]: row["image"] for row in rows}
-    for row in rows:
-        if len(row["image"]) < 64 and row["image"] in by_index:
-            row["image"] = by_index[row["image"]]
-    return rows
-
-
-def tsv_record(row):
-    """A task-like record: the image first, the question, the lettered options, then the answer letter."""
-    options = [letter for letter in "ABCDEFGH" if (row.get(letter) or "").strip() not in ("", "nan")]
-    hint = (row.get("hint") or "").strip()
-    lines = ([f"Hint: {hint}"] if hint and hint != "nan" else []) + [row["question"].strip()]
-    lines += [f"{letter}. {row[letter].strip()}" for letter in options]
-    lines.append("Answer with the option's letter from the given choices.")
-    try:
-        image = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
-    except (ValueError, OSError) as error:
-        raise tasks.BadRecord(f"row {row['index']}: image does not decode: {error}") from None
-    return {"id": row["index"], "task": "tsv", "problem": "<image>" + "\n".join(lines),
-            "answer": row["answer"].strip(), "options": {k: row[k].strip() for k in options}}, image
-
-
-def tsv_choice(response, options):
-    """The letter a response chose: its boxed content as a letter ('B', 'B.', 'B. text') or an option's text."""
-    content = tasks.extract_boxed(response)
-    if content is None:
-        return None
-    content = content.strip()
-    match = re.match(r"^\(?([A-H])\)?(?:[.:)\s]|$)", content)
-    if match and match.group(1) in options:
-        return match.group(1)
-    for letter, text in options.items():
-        if content.lower() == text.lower():
-            return letter
-    return None
-
-
 @torch.no_grad()
 def evaluate_tsv(args, dist, model, processor, path):
     """Accuracy and format rate of greedy answers on a VLMEvalKit multiple-choice TSV."""
-    rows = read_tsv(path)
-    was_training = model.training
-    model.eval()
-    correct = formatted = n = skipped = 0.0
-    share = rows[dist.rank::dist.world]
-    with grpo.gathered(model):     # as in `evaluate`: no collective inside, so ranks may run different counts
-        for start in range(0, len(share), args.eval_batch_size):
-            records, images = [], []
-            for row in share[start:start + args.eval_batch_size]:
-                try:
-                    record, image = tsv_record(row)
-                except tasks.BadRecord:
-                    skipped += 1
-                    continue
-                records.append(record)
-                images.append([image])
-            if not records:
-                continue
-            batch = encode_prompts(processor, records, images, args.min_pixels, args.max_pixels)
-            completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
-            texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
-            for record, text in zip(records, texts):
-                correct += tsv_choice(text, record["options"]) == record["answer"]
-                formatted += tasks.reward(text, record["answer"])["format"]
-                n += 1
-    correct, formatted, n, skipped = all_reduce_sum([correct, formatted, n, skipped], dist)
-    model.train(was_training)
+    share = tasks.read_tsv(path)[dist.rank::dist.world]
+    answers, skipped = generate_answers(args, dist, model, processor, share, tasks.tsv_batch, args.min_pixels,
+                                        args.max_pixels)
+    correct = sum(tasks.tsv_choice(text, record["options"]) == record["answer"] for record, text in answers)
+    formatted = sum(tasks.reward(text, record["answer"])["format"] for record, text in answers)
+    correct, formatted, n, skipped = grpo.all_reduce([correct, formatted, len(answers), skipped], device=dist.device)
     return {"accuracy": correct / max(n, 1), "format": formatted / max(n, 1), "n": int(n), "skipped": int(skipped)}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints and metrics
@@ -1228,7 +897,6 @@ def full_state_dicts(model, optimizer):
     (~1-2 minutes; hence --ddp-timeout), every --save-steps."""
     if not isinstance(model, FSDPModule):
         return model.state_dict(), optimizer.state_dict() if optimizer else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
@@ -1252,8 +920,8 @@ def save_checkpoint(args, dist, model, processor, step, stage, optimizer=None, s
     """OUT/checkpoint-STEP: a from_pretrained folder (safetensors, config, tokenizer, chat template) plus the trainer
     state (optimizer, scheduler, RNG per rank, step, stage, flags, `extra_state` such as a data position).
 
-    Written to a hidden temp folder and renamed when complete, so a crash never leaves a half checkpoint under
-    the real name; only then are checkpoints beyond --save-limit deleted, oldest first.
+    Written to a temp folder and renamed when complete (tasks.written_atomically), so a crash never leaves a half
+    checkpoint under the real name; only then are checkpoints beyond --save-limit deleted, oldest first.
     """
     out = Path(args.out)
     model_state, optimizer_state = full_state_dicts(model, optimizer)
@@ -1264,22 +932,14 @@ def save_checkpoint(args, dist, model, processor, step, stage, optimizer=None, s
         rng = gathered
     final = out / f"checkpoint-{step}"
     if dist.rank == 0:
-        temp = out / f".tmp-checkpoint-{step}"
-        shutil.rmtree(temp, ignore_errors=True)
-        temp.mkdir(parents=True)
-        (temp / ".incomplete").touch()
-        unwrapped = model
-        unwrapped.save_pretrained(temp, state_dict=model_state, safe_serialization=True)
-        processor.save_pretrained(temp)
-        trainer = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict() if scheduler else None,
-                   "rng": rng}
-        torch.save(trainer, temp / "trainer.pt")
-        state = {"step": step, "stage": stage, "args": vars(args), **(extra_state or {})}
-        (temp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-        (temp / ".incomplete").unlink()
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temp, final)
+        with tasks.written_atomically(final) as temp:
+            model.save_pretrained(temp, state_dict=model_state, safe_serialization=True)
+            processor.save_pretrained(temp)
+            trainer = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict() if scheduler else None,
+                       "rng": rng}
+            torch.save(trainer, Path(temp) / "trainer.pt")
+            state = {"step": step, "stage": stage, "args": vars(args), **(extra_state or {})}
+            (Path(temp) / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
         for old in sorted(checkpoints(out), key=checkpoint_step)[:-args.save_limit] if args.save_limit > 0 else []:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -1293,9 +953,9 @@ def checkpoint_step(path):
 
 
 def checkpoints(out):
-    """Complete checkpoints under `out` (a folder is complete once renamed from its temp name)."""
+    """Complete checkpoints under `out` (a folder has its real name only once complete)."""
     return [p for p in Path(out).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            and (p / "trainer_state.json").is_file() and not (p / ".incomplete").exists()]
+            and (p / "trainer_state.json").is_file()]
 
 
 def resolve_resume(args):
@@ -1308,7 +968,7 @@ def resolve_resume(args):
     path = Path(args.resume)
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such checkpoint folder")
-    if not (path / "trainer_state.json").is_file() or (path / ".incomplete").exists():
+    if not (path / "trainer_state.json").is_file():
         raise UserError(f"--resume {path}: checkpoint is incomplete (no trainer_state.json); use an earlier one")
     return path
 
@@ -1325,7 +985,6 @@ def load_trainer_state(path, dist, model, optimizer=None, scheduler=None):
         if not isinstance(model, FSDPModule):
             optimizer.load_state_dict(trainer["optimizer"])
         else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(model, optimizer, trainer["optimizer"] if dist.rank == 0 else {},
                                      options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     if scheduler is not None and trainer["scheduler"] is not None:
@@ -1385,7 +1044,6 @@ class Progress:
     KEYS = ("loss", "reward", "accuracy", "format", "learning_rate", "grad_norm", "tokens_per_second")
 
     def __init__(self, total, initial, desc, dist, leave=True):
-        from tqdm.auto import tqdm
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=dist.rank != 0, leave=leave,
                         dynamic_ncols=True, file=sys.stderr)
 
@@ -1451,7 +1109,6 @@ def plot_metrics(run_dir):
     plt.close(figure)
     return Path(run_dir) / "metrics.png"
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 
@@ -1466,9 +1123,9 @@ def prepare_data(args, dist):
     if not has_dataset(root):
         if dist.rank == 0:
             print0(f"building {args.per_task} train + {args.eval_per_task} eval samples per task of "
-                   f"{args.image_size}-px procedural scenes in {root} ...")
+                   f"{args.max_side}-px procedural scenes in {root} ...")
             summary = tasks.build_dataset(root, per_task=args.per_task, eval_per_task=args.eval_per_task,
-                                          tasks=args.tasks, seed=args.seed, max_side=args.image_size, overwrite=True,
+                                          tasks=args.tasks, seed=args.seed, max_side=args.max_side, overwrite=True,
                                           workers=torch.get_num_threads())
             print0(f"built {summary['samples']} samples in {summary['seconds']:.0f} s")
         if dist.world > 1:
@@ -1491,155 +1148,20 @@ def prepare_data(args, dist):
     return train, held_out
 
 
-def run_evaluation(args, dist, model, processor, held_out, stage, evaluations):
-    results = evaluate(args, dist, model, processor, held_out)
-    evaluations[stage] = results
-    if dist.rank == 0:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"eval-{stage}.json").write_text(json.dumps(results, indent=1))
-        print0(f"\n{stage}: accuracy {results['all']['accuracy']:.3f} (chance {results['all']['chance']:.3f}), "
-               f"format {results['all']['format']:.3f}, reward {results['all']['reward']:.3f}")
-    return results
-
-
-def save_reference(args, dist, model, processor):
-    """OUT/reference: the policy as GRPO starts, the frozen model of the KL term, kept apart from the rotating
-    checkpoints so that a resumed run finds it (written to a temp folder, then renamed)."""
-    path, temp = Path(args.out) / "reference", Path(args.out) / ".tmp-reference"
-    model_state, _ = full_state_dicts(model, None)
-    if dist.rank == 0:
-        shutil.rmtree(temp, ignore_errors=True)
-        model.save_pretrained(temp, state_dict=model_state, safe_serialization=True)
-        processor.save_pretrained(temp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(temp, path)
+def run_pretrain(args, dist):
+    """--stage pretrain: a tiny preset's perception base from random weights (tiny.pretrain), into
+    checkpoints/<preset> (or --out), its curves into runs/pretrain-<preset>."""
     if dist.world > 1:
-        torch_dist.barrier()
-    return path
-
-
-def load_reference(path, dist, offload=False):
-    """The frozen reference in the compute dtype (it is never updated: bf16 halves it, 2 B per parameter), sharded
-    like the policy; its passes gather it once and reshard it after (grpo.rollout_logprobs)."""
-    from transformers import AutoModelForImageTextToText
-    if not (Path(path) / "config.json").is_file():
-        raise UserError(f"GRPO reference model {path} is missing; restart the GRPO stage without --resume")
-    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dist.dtype, attn_implementation="sdpa")
-    reference = vision_attention(reference.to("cpu" if offload else dist.device), dist.device)
-    reference = reference.eval().requires_grad_(False)
-    if dist.sharded:
-        reference = shard(reference, dist.dtype, offload=offload)
-    return reference
-
-
-def rollout_prompts(args, dist, records, step, steps_per_epoch):
-    """This rank's prompts of GRPO step `step` (a seeded shuffle per epoch, so the step is the data position) with
-    their images. Unreadable records are counted and replaced by readable ones of the same share, because every
-    rank must pass the same number of prompts to the collective passes."""
-    _, batch = step_examples(records, step, steps_per_epoch, args.rollout_batch_size, args.seed + 1)
-    share = batch[dist.rank::dist.world]
-    kept, images, skipped = open_batch(share)
-    if not kept:
-        record, record_images = stand_in(records, start=step * args.rollout_batch_size + dist.rank)
-        kept, images = [record], [record_images]
-    readable = len(kept)
-    for i in range(len(share) - readable):
-        kept.append(kept[i % readable])
-        images.append(images[i % readable])
-    return kept, images, skipped
-
-
-def write_rollouts(args, dist, step, records, rollouts):
-    """OUT/rollouts/step-N.jsonl: every rank's rollouts with the record id and image paths, written by rank 0."""
-    for rollout in rollouts:
-        record = records[rollout["index"]]
-        rollout.update(id=record["id"], images=[str(p) for p in record["images"]], rank=dist.rank)
-    if dist.world > 1:
-        gathered = [None] * dist.world
-        torch_dist.all_gather_object(gathered, rollouts)
-        rollouts = [r for part in gathered for r in part]
-    if dist.rank == 0:
-        folder = Path(args.out) / "rollouts"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"step-{step}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
-
-
-def train_grpo(args, dist, model, processor, train_records, held_out, state, metrics, first_step=0):
-    """GRPO on the pretext tasks (grpo.grpo_step does the algorithm). Checkpoints are numbered on after the SFT
-    steps (`first_step`), so that the newest checkpoint is always the one to resume from."""
-    if args.rollout_batch_size % dist.world:
-        raise UserError(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of the {dist.world} "
-                        "ranks: each rank rolls out whole groups")
-    if len(train_records) < args.rollout_batch_size:
-        raise UserError(f"GRPO needs at least --rollout-batch-size {args.rollout_batch_size} training prompts; the "
-                        f"dataset has {len(train_records)} (lower the flag or add data)")
-    cfg = grpo.GRPOConfig(
-        num_generations=args.num_generations, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_response_length, clip_low=args.clip_ratio_low, clip_high=args.clip_ratio_high,
-        dual_clip=args.clip_ratio_dual, kl_coef=args.kl_coef,
-        updates_per_step=args.rollout_batch_size // args.global_batch_size,
-        rollout_micro_batch_size=args.rollout_micro_batch_size,
-        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, shared_prompt=args.shared_prompt,
-        max_grad_norm=args.max_grad_norm)
-    model.requires_grad_(True)   # full-parameter RL, vision tower included (EasyR1 freeze_vision_tower: false)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    from transformers import get_constant_schedule
-    scheduler = get_constant_schedule(optimizer)
-    if state and state["stage"] == "grpo":
-        load_trainer_state(args.model, dist, model, optimizer, scheduler)
-        grpo_step, first_step, reference_path = state["grpo_step"], state["first_step"], state["reference"]
-    else:
-        grpo_step, reference_path = 0, save_reference(args, dist, model, processor)
-    reference = load_reference(reference_path, dist, args.ref_offload) if args.kl_coef > 0 else None
-    steps_per_epoch = max(1, len(train_records) // args.rollout_batch_size)
-    print0(f"grpo: {args.max_steps} steps of {args.rollout_batch_size} prompts x {args.num_generations} responses, "
-           f"{cfg.updates_per_step} update(s) per step, {len(train_records)} prompts", dist=dist)
-    progress = Progress(args.max_steps, grpo_step, "grpo", dist)
-    while grpo_step < args.max_steps:
-        # sampling seeded by (seed, step, rank): ranks draw different responses, reruns and resumed runs the same
-        torch.manual_seed(random.Random(f"{args.seed}-{grpo_step}-{dist.rank}").getrandbits(63))
-        records, images, skipped = rollout_prompts(args, dist, train_records, grpo_step, steps_per_epoch)
-        batch = to_device(encode_prompts(processor, records, images, args.min_pixels, args.max_pixels), dist.device)
-        step_metrics, rollouts = grpo.grpo_step(model, reference, optimizer, batch, [r["answer"] for r in records],
-                                                [r["task"] for r in records], processor, cfg)
-        scheduler.step()
-        grpo_step += 1
-        if grpo_step == 1 and step_metrics["format"] < 0.05:
-            print0(f"WARNING: format rate {step_metrics['format']:.3f} at the first GRPO step: the policy almost never "
-                   "writes <think>..</think> \\boxed{}; GRPO from here collapses (the paper's no-cold-start case). "
-                   "Run the SFT cold start first (--stage all) or start from its checkpoint.", dist=dist)
-        step = first_step + grpo_step
-        row = {"stage": "grpo", "step": step, "grpo_step": grpo_step, "learning_rate": scheduler.get_last_lr()[0],
-               "skipped_records": all_reduce_sum([skipped], dist)[0], **step_metrics}
-        metrics.log(row)
-        progress.update(row, every=args.logging_steps)
-        if args.rollout_save_steps and grpo_step % args.rollout_save_steps == 0:
-            write_rollouts(args, dist, grpo_step, records, rollouts)
-        if args.eval_steps and grpo_step % args.eval_steps == 0 and grpo_step < args.max_steps:
-            results = evaluate(args, dist, model, processor, held_out)
-            metrics.log({"stage": "grpo", "step": step, **{f"eval/{key}/{task}": entry[key] for task, entry in
-                                                           results.items() for key in ("accuracy", "format")}})
-        if grpo_step % args.save_steps == 0 or grpo_step == args.max_steps:
-            save_checkpoint(args, dist, model, processor, step, "grpo", optimizer, scheduler,
-                            extra_state={"grpo_step": grpo_step, "first_step": first_step,
-                                         "reference": str(reference_path)})
-    progress.close()
-    return first_step + grpo_step
-
-
-def run_sft(args, dist, model, processor, train, state, resume, metrics):
-    """The cold start with its own optimizer, freed on return: GRPO's AdamW then holds the only fp32 Adam state
-    (7B under FSDP on 8 GPUs: the SFT optimizer's 7.6 GB per GPU would otherwise stay alive through GRPO)."""
-    parameters = freeze_for_sft(model, args.freeze_vision_tower, args.freeze_multi_modal_projector)
-    optimizer = torch.optim.AdamW(parameters, lr=args.sft_learning_rate, weight_decay=args.sft_weight_decay)
-    examples = sft_subset(train, args.sft_data_fraction, args.seed)
-    total = max(1, math.ceil(args.sft_num_train_epochs * math.ceil(len(examples) / args.sft_global_batch_size)))
-    scheduler = sft_schedule(optimizer, args, total)
-    if resume:
-        load_trainer_state(resume, dist, model, optimizer, scheduler)
-    if state and state["step"] >= total:
-        return state["step"]
-    return train_sft(args, dist, model, processor, train, optimizer, scheduler, state, metrics)
+        raise UserError("--stage pretrain runs in one process")
+    if args.model not in PRESETS or PRESETS[args.model][1] is not None:
+        raise UserError("--stage pretrain builds a tiny preset's base: --model tiny-qwen3-vl or tiny-qwen2.5-vl")
+    default_out = args.out == build_parser().get_default("out")
+    out = tiny.shipped_base(args.model) if default_out else Path(args.out)
+    run_dir = Path("runs") / f"pretrain-{args.model}" if default_out else out.parent / f"pretrain-{out.name}"
+    model, processor = build_tiny(PRESETS[args.model][0], tiny.pretrain_corpus(args.seed), seed=args.seed)
+    tiny.pretrain(args, model, processor, out, Metrics(run_dir, dist, report_to=args.report_to, config=vars(args)).log)
+    plot_metrics(run_dir)
+    return out
 
 
 def main(argv=None):
@@ -1663,7 +1185,7 @@ def run(args, dist):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.stage == "pretrain":
-        pretrain(args, dist)
+        run_pretrain(args, dist)
         return
     resume = resolve_resume(args)
     if args.stage == "eval" and args.eval_tsv and not has_dataset(args.data):
@@ -1676,7 +1198,7 @@ def run(args, dist):
         args.model = str(resume)
     tiny_build = args.model in PRESETS and args.init == "random"
     sample = random.Random(args.seed).sample(train, min(len(train), 2000)) if tiny_build else []
-    model, processor, family = load_model(args, dist, corpus=tokenizer_corpus(sample, args.seed))
+    model, processor, family = load_model(args, dist, corpus=tiny.tokenizer_corpus(sample, args.seed))
     sft_pixels = (args.sft_min_pixels, args.sft_max_pixels)
     if args.stage in ("all", "sft"):
         train = filter_records(processor, train, args.max_prompt_length, *sft_pixels, dist, "train")

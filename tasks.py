@@ -1,6 +1,7 @@
-"""Spatial-SSRL pretext tasks: verifiable (question, images, answer) samples from raw RGB and RGB-D pixels.
+"""Spatial-SSRL's data: verifiable (question, images, answer) samples from raw RGB(-D) pixels, and the reward.
+No model code: grpo.py consumes these records, ssrl.py trains on them.
 
-The five self-supervised tasks of Spatial-SSRL (arXiv 2510.27606, spec sections 1 and 2), a numpy ray-caster that
+The five self-supervised tasks of Spatial-SSRL (arXiv 2510.27606, section 3.1 and appendix A), a numpy ray-caster that
 renders RGB-D scenes when no data is given, the dataset builder/loader used for training, and the reward.
 Every answer is computed by a program from the pixels, and `Sample.meta` records enough to re-check it.
 
@@ -30,13 +31,18 @@ Run:
   python -m bench.tasks                                        # samples/s per task at 640x480
 """
 import argparse
+import base64
+import contextlib
+import csv
 import functools
+import io
 import json
 import math
 import multiprocessing
 import os
 import re
 import random
+import shutil
 import sys
 import time
 from collections import Counter
@@ -46,25 +52,18 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 # ---------------------------------------------------------------------------------------------------------------
-# Constants and question templates (spec sections 1 and 2, quoted verbatim; "<image>" is the EasyR1 placeholder)
-
-TASKS = ("shuffle", "flip", "crop", "depth", "position")
+# Constants and question templates (the paper's appendix A and the released data_process/*.py of
+# InternLM/Spatial-SSRL, quoted verbatim; "<image>" is the EasyR1 placeholder)
 
 FORMAT_PROMPT = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
                  "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
                  "BE put in \\boxed{}.")
 
-# Shuffle variants in the proportions of spec Tab. 6: (rows, cols, white-masked patch, weight). The strip rows are
-# split evenly between 3 and 4 strips (the table gives only their sum).
+# Shuffle variants in the proportions of the paper's Table 6: (rows, cols, white-masked patch, weight). The strip
+# rows are split evenly between 3 and 4 strips (the table gives only their sum).
 SHUFFLE_VARIANTS = ((2, 2, False, 4000), (2, 2, True, 4028),
                     (1, 3, False, 4991 / 2), (1, 4, False, 4991 / 2),
                     (3, 1, False, 3009 / 2), (4, 1, False, 3009 / 2))
-# Accuracy of uniform guessing: 1 / permutations (mixed by the weights above), (patch, direction) pairs, 4 options,
-# 3! orders, 4 options.
-CHANCE = {"shuffle": sum(v[3] / math.factorial(v[0] * v[1]) for v in SHUFFLE_VARIANTS)
-          / sum(v[3] for v in SHUFFLE_VARIANTS),
-          "flip": 1 / 8, "crop": 1 / 4, "depth": 1 / 6, "position": 1 / 4}
-
 _SHUFFLE_2X2 = ("The image has been divided into 4 shuffled patches labeled 0, 1, 2, and 3.{mask} Based on visual "
                 "clues such as continuity, alignment, and context, answer the correct arrangement of the patches to "
                 "restore the original image, where the format is 'TopLeft-TopRight-BottomLeft-BottomRight'.")
@@ -103,8 +102,8 @@ LETTERS = "ABCD"
 # a quarter of the frame width, not all of it. Our choice: the paper does not consider small images.
 REFERENCE_SIDE = 480
 MIN_PATCH = 16   # px; a grid whose patches would be smaller is skipped ("too small")
-_PALETTE = {0: (255, 150, 0), 1: (230, 30, 30), 2: (20, 170, 40), 3: (40, 90, 255)}   # per-label marker fill
-_BORDER = (0, 0, 255)   # the released images' border is blue (cv2 BGR, spec section 6.9); we keep their look
+PALETTE = {0: (255, 150, 0), 1: (230, 30, 30), 2: (20, 170, 40), 3: (40, 90, 255)}   # per-label marker fill
+_BORDER = (0, 0, 255)   # the released images' border is blue (a cv2 BGR tuple read as RGB); we keep their look
 
 
 class Skip(Exception):
@@ -370,17 +369,17 @@ def _marker_radius(width, height):
     return max(6, round(0.05 * min(width, height)))
 
 
-def _draw_marker(draw, centre, label, radius):
+def draw_marker(draw, centre, label, radius):
     """A filled circle in the label's colour with a black edge and a white, black-outlined digit on top."""
     x, y = centre
-    draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=_PALETTE[label % 4], outline=(0, 0, 0),
+    draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=PALETTE[label % 4], outline=(0, 0, 0),
                  width=max(1, radius // 6))
     draw.text((x, y), str(label), fill=(255, 255, 255), font=_font(round(radius * 1.5)), anchor="mm",
               stroke_width=max(1, radius // 7), stroke_fill=(0, 0, 0))
 
 
 def _draw_grid_labels(image, rows, cols, patch_w, patch_h):
-    """2-px blue border around each patch and its position label in the top-left corner (spec 1.1)."""
+    """2-px blue border around each patch and its position label in the top-left corner (App. A.2)."""
     draw = ImageDraw.Draw(image)
     border = 2 if min(patch_w, patch_h) >= 48 else 1
     radius = max(6, round(0.12 * min(patch_w, patch_h)))
@@ -388,11 +387,11 @@ def _draw_grid_labels(image, rows, cols, patch_w, patch_h):
     for position in range(rows * cols):
         left, top = (position % cols) * patch_w, (position // cols) * patch_h
         draw.rectangle((left, top, left + patch_w - 1, top + patch_h - 1), outline=_BORDER, width=border)
-        _draw_marker(draw, (left + border + 2 + radius, top + border + 2 + radius), position, radius)
+        draw_marker(draw, (left + border + 2 + radius, top + border + 2 + radius), position, radius)
     return {"border": border, "label_box": 2 * radius + border + 4}
 
 # ---------------------------------------------------------------------------------------------------------------
-# The three depth-free tasks (spec 1.1-1.3)
+# The three depth-free tasks (paper section 3.1.1, App. A.2-A.4; data_process/{Shuffle,Flip,Crop}.py)
 
 
 def _grid(image, rows, cols):
@@ -587,16 +586,16 @@ def _spaced(candidates, index, chosen, min_distance):
     return keep
 
 # ---------------------------------------------------------------------------------------------------------------
-# The two depth-based tasks (spec 1.4-1.5)
+# The two depth-based tasks (paper section 3.1.2, App. A.5-A.6; data_process/{Depth,Position}.py)
 
 
 def depth_task(image, depth, mask, rng):
     """Regional depth ordering: three marked regions in near/mid/far bands, answer nearest-to-farthest labels.
 
     Normalisation and bands follow Depth.py (p0.5 -> 0, p99.5 -> 1, centres in [0, .3], [.35, .65], [.7, 1], a flat
-    25x25 window with range < 0.15, else 11x11 with < 0.2). Depth.py only approximates the paper's gap rule
-    (spec 6.3); we also enforce it exactly on the chosen windows: min of the farther window - max of the nearer
-    > d_min = 0.05, so every answer is unambiguous.
+    25x25 window with range < 0.15, else 11x11 with < 0.2). Depth.py only approximates the paper's gap rule with
+    a centre band and a window range; we also enforce it exactly on the chosen windows: min of the farther window -
+    max of the nearer > d_min = 0.05, so every answer is unambiguous.
     """
     depth, valid = _check_depth(image, depth, mask)
     height, width = depth.shape
@@ -640,7 +639,7 @@ def depth_task(image, depth, mask, rng):
     out = image.copy()
     draw = ImageDraw.Draw(out)
     for (y, x), label in zip(chosen, labels):
-        _draw_marker(draw, (x, y), label, radius)
+        draw_marker(draw, (x, y), label, radius)
     by_label = sorted(zip(labels, chosen))
     meta = {"centres": [[x, y] for _, (y, x) in by_label],   # label 1, 2, 3: [x, y] px
             "depths": [float(depth[y, x]) for _, (y, x) in by_label],
@@ -649,9 +648,9 @@ def depth_task(image, depth, mask, rng):
     return Sample("depth", "<image>" + _DEPTH, "-".join(map(str, labels)), [out], meta)
 
 
-# Answer of the released code's table (spec 1.5), keyed by facing: lateral and front/back words from the signs of
-# dx (target right of the camera point in the image) and dd (target farther). It equals the paper's rotation
-# [x~, z~] = Rot(theta) [dx, dd] with theta = 0 away, 90 left, 180 towards, 270 right; tests check that.
+# Answer of the released code's table (Position.py, the paper's Table 8), keyed by facing: lateral and front/back
+# words from the signs of dx (target right of the camera point in the image) and dd (target farther). It equals the
+# paper's rotation [x~, z~] = Rot(theta) [dx, dd] with theta = 0 away, 90 left, 180 towards, 270 right; tests check that.
 def _relation(facing, dx, dd):
     lateral = {"away": ("Right", "Left", dx), "towards": ("Left", "Right", dx),
                "left": ("Right", "Left", dd), "right": ("Left", "Right", dd)}[facing]
@@ -739,7 +738,7 @@ def position_task(image, depth, mask, rng, facing_weights=None, kind=None):
     out = image.copy()
     draw = ImageDraw.Draw(out)
     for region, label in ((camera_region, camera_label), (target_region, target_label)):
-        _draw_marker(draw, (int(xs[region]), int(ys[region])), label, radius)
+        draw_marker(draw, (int(xs[region]), int(ys[region])), label, radius)
     problem = _POSITION.format(camera=camera_label, facing=_FACING_PHRASES[facing], target=target_label,
                                options=" ".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options)),
                                ignore=" and ignore the height difference between the two regions"
@@ -752,22 +751,22 @@ def position_task(image, depth, mask, rng, facing_weights=None, kind=None):
     return Sample("position", "<image>" + problem, LETTERS[options.index(truth)], [out], meta)
 
 # ---------------------------------------------------------------------------------------------------------------
-# Cold-start answers, written by program from each sample's meta (the paper used an LVLM; its CoT quality "is not
-# important", spec 3.1). Each is a short true <think> naming the cues the task rests on, then the \boxed{} answer.
-# The depth and position reasonings state where the markers sit in the image in the very sentences the tiny
-# base's perception pre-training answers ("The lowest marker is 2.", "A. Left, no. B. Back, yes.": PRIMITIVES
-# below): a cold start can only teach a model to reason from what it can already see, and in those words it can.
-# Written without them (a depth band per region, or "target is left and farther") the tiny base's depth stayed at
-# chance after the cold start (0.16-0.20, chance 0.167); with them it reached 0.54-0.58, and 0.82 from the shipped
-# base, whose position reasoning reads its options in order (scan_options): 0.43 against chance 0.25
-# (docs/tiny-model.md).
+# Cold-start answers, written by program from each sample's meta (the paper used an LVLM, and its CoT quality "is
+# not important": InternLM/Spatial-SSRL training/training.md). Each is a short true <think> naming the cues the task
+# rests on, then the \boxed{} answer. The depth and position reasonings are written in the words the tiny base was
+# pre-trained to answer ("The lowest marker is 2.", "A. Left, no. B. Back, yes."; tiny.PRIMITIVES): a cold start
+# teaches a model to reason from what it can already see (docs/tiny-model.md, section 3).
 
 def cold_start_response(record, rng):
     """A <think>...</think> reasoning plus \\boxed{answer} for `record`, in one of several phrasings."""
-    think = COT_WRITERS[record["task"]](record["meta"], record["answer"], rng)
-    think = think[0].upper() + think[1:]
+    think = TASKS[record["task"]].reasoning(record["meta"], record["answer"], rng)
+    return reasoned_answer(think, record["answer"], rng)
+
+
+def reasoned_answer(think, answer, rng):
+    """The answer format the reward checks: <think>Think.</think> then an optional lead-in and \\boxed{answer}."""
     closing = rng.choice(("So the answer is ", "Answer: ", ""))
-    return f"<think>{think}</think> {closing}\\boxed{{{record['answer']}}}"
+    return f"<think>{think[0].upper() + think[1:]}</think> {closing}\\boxed{{{answer}}}"
 
 
 def _shuffle_cot(meta, answer, rng):
@@ -805,7 +804,7 @@ def _crop_cot(meta, answer, rng):
                            where=where, answer=answer, wrong=", ".join(wrong))
 
 
-def _extreme(labels, points, kind):
+def extreme(labels, points, kind):
     """The label of the marker that is `kind` (lowest/highest/leftmost/rightmost) in the image."""
     axis, sign = {"lowest": (1, -1), "highest": (1, 1), "leftmost": (0, 1), "rightmost": (0, -1)}[kind]
     return min(zip(labels, points), key=lambda pair: sign * pair[1][axis])[0]
@@ -819,8 +818,8 @@ def _depth_cot(meta, answer, rng):
     return rng.choice(("{low_fact} {high_fact} Near to far: {near}, {mid}, {far}.",
                        "{low_fact} {high_fact} So near to far is {near}, {mid}, {far}.",
                        "{low_fact} {high_fact} By ground contact: {near}, {mid}, {far}.")).format(
-        low_fact=f"The lowest marker is {_extreme(labels, points, 'lowest')}.",
-        high_fact=f"The highest marker is {_extreme(labels, points, 'highest')}.", near=near, mid=mid, far=far)
+        low_fact=f"The lowest marker is {extreme(labels, points, 'lowest')}.",
+        high_fact=f"The highest marker is {extreme(labels, points, 'highest')}.", near=near, mid=mid, far=far)
 
 
 POSITION_DIRECTIONS = ("Facing {facing} from {camera}, {target} is {truth}.",
@@ -837,191 +836,48 @@ def _position_cot(meta, answer, rng):
     facing = {"left": "left", "right": "right", "towards": "towards me", "away": "away from me"}[meta["facing"]]
     truth = meta["options"][LETTERS.index(answer)]
     return ("{left} {high} " + rng.choice(POSITION_DIRECTIONS) + " {scan}").format(
-        left=f"The leftmost marker is {_extreme(labels, points, 'leftmost')}.",
-        high=f"The highest marker is {_extreme(labels, points, 'highest')}.",
+        left=f"The leftmost marker is {extreme(labels, points, 'leftmost')}.",
+        high=f"The highest marker is {extreme(labels, points, 'highest')}.",
         facing=facing, camera=camera, target=target, truth=truth, scan=scan_options(meta["options"], truth))
 
 
 def scan_options(options, word):
     """Read the options in order up to the one that is `word`: "A. Left, no. B. Back, yes." Each step copies the
-    word that follows a letter in the prompt (the lookup a small transformer learns first: find the token, copy
-    what comes next) and compares it with the word just written; the answer is then the letter 3 tokens back.
-    "Back is option B." asks the opposite lookup (find the word, copy the letter before it). With the options
-    100-150 tokens back, the tiny 3-layer LM learnt that one to 0.41 in 2,500 steps from random init (0.27 from
-    a base, chance 0.25), and this reading to 0.77 (`python -m bench.probe --question lookup --answer scan`,
-    docs/tiny-model.md)."""
+    word that follows a letter in the prompt (the lookup a small transformer learns first: find the token, copy what
+    comes next), where "Back is option B." would ask the reverse lookup, which the tiny 3-layer model learnt far
+    more slowly (docs/tiny-model.md, section 3)."""
     stop = options.index(word)
     return " ".join(f"{LETTERS[i]}. {option}, {'yes' if i == stop else 'no'}."
                     for i, option in enumerate(options[:stop + 1]))
 
-
-def _primitive_cot(meta, answer, rng):
-    return meta["think"]
-
-
-COT_WRITERS = {"shuffle": _shuffle_cot, "flip": _flip_cot, "crop": _crop_cot, "depth": _depth_cot,
-               "position": _position_cot, "primitive": _primitive_cot}
-
 # ---------------------------------------------------------------------------------------------------------------
-# Perception primitives: what a real VLM's pre-training already gives and the pretext tasks rest on (which marker
-# is drawn, where it is, which is highest/lowest/leftmost/rightmost, is one above or left of another, which option
-# of a list names a word), asked about labelled markers drawn on rendered scenes. They pre-train the tiny base
-# (`ssrl.py --stage pretrain`); none is a pretext task's question, and each answer is computed from the drawn
-# centres that `meta` keeps (primitive_answer re-derives it).
+# The tasks: one entry each, all that the builder, the cold start and evaluation need to know of a task. A sixth task
+# is a sample function, a reasoning writer and an entry here (tests/test_tasks.py registers a toy one).
 
-PRIMITIVES = {
-    "which": "Which marker is in the image?",
-    "where": "Where is marker {a}?",
-    "highest": "Which marker is highest in the image?",
-    "lowest": "Which marker is lowest in the image?",
-    "leftmost": "Which marker is leftmost in the image?",
-    "rightmost": "Which marker is rightmost in the image?",
-    "above": "Is marker {a} above marker {b}?",
-    "left": "Is marker {a} left of marker {b}?",
-    "option": "Which option is {word}? {options}",
-    "choice": "Is marker {a} {axis} marker {b}? {options}. Look at where both markers are drawn in the image. The "
-              "final answer should be chosen from 'A', 'B', 'C', and 'D'.",
+
+@dataclass(frozen=True)
+class Task:
+    sample: object      # (image, rng) -> Sample, or (image, depth, mask, rng) -> Sample when `depth`; raises Skip
+    reasoning: object   # (meta, answer, rng) -> the cold start's <think> text
+    chance: float       # accuracy of a uniform guess over the answers
+    depth: bool = False  # needs RGB-D sources (else any RGB image)
+
+
+TASKS = {
+    # chance: 1 / permutations, mixed over the shuffle variants in their weights
+    "shuffle": Task(shuffle_task, _shuffle_cot, sum(w / math.factorial(r * c) for r, c, _, w in SHUFFLE_VARIANTS)
+                    / sum(w for *_, w in SHUFFLE_VARIANTS)),
+    "flip": Task(flip_task, _flip_cot, 1 / 8),                 # 4 patches x 2 directions
+    "crop": Task(crop_task, _crop_cot, 1 / 4),                 # 4 options
+    "depth": Task(depth_task, _depth_cot, 1 / 6, depth=True),  # 3! orders
+    "position": Task(position_task, _position_cot, 1 / 4, depth=True),   # 4 options
 }
-OPTION_WORDS = ("Left", "Right", "Front", "Back", "Left-Front", "Right-Front", "Right-Back", "Left-Back", "Up", "Down",
-                "Near", "Far", "Red", "Green", "Blue", "Top", "Bottom")
-_CHOICE_AXES = (("to the left or the right of", ("Left", "Right")), ("above or below", ("Up", "Down")))
-GRID_ROWS, GRID_COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")
-PRIMITIVE_CHANCE = {"which": 1 / 3, "where": 1 / 9, "highest": 5 / 12, "lowest": 5 / 12, "leftmost": 5 / 12,
-                    "rightmost": 5 / 12, "above": 1 / 2, "left": 1 / 2, "option": 1 / 4, "choice": 1 / 4}
-#                   (the comparisons ask about 2 or 3 markers: (1/2 + 1/3) / 2 = 5/12)
-
-
-def _place_markers(rng, count, width, height, radius, tries=20):
-    """`count` centres wholly inside the image and >= 2.2 radii apart (as the depth task spaces them), or None."""
-    points = []
-    for _ in range(tries * count):
-        x, y = rng.randrange(radius + 1, width - radius - 1), rng.randrange(radius + 1, height - radius - 1)
-        if all((x - a) ** 2 + (y - b) ** 2 >= (2.2 * radius) ** 2 for a, b in points):
-            points.append((x, y))
-            if len(points) == count:
-                return points
-    return None
-
-
-def primitive_sample(rng, kind, width=112, radius=6, max_radius=None, plain=False, min_gap=8, count=None):
-    """One perception question about 1-3 labelled markers on a rendered scene (or a plain colour if `plain`).
-
-    The marker radius is drawn from [radius, max_radius] when max_radius is given: a tiny model from random init
-    learns colour and position on large markers first, then on the tasks' small ones. Comparisons need a gap of
-    >= min_gap px between the compared coordinates; "where" answers a 3x3 grid cell ("top left" ... "bottom right")
-    with the centre >= min_gap / 2 px from the cell borders. `count` markers (default: 1 for "which", 1-3 for
-    "where", 2-3 for the comparisons). "option" asks which letter of four shuffled words names one of them (the
-    multiple-choice reading that the position task's answer needs), over a scene without markers; "choice" asks it
-    where the position task needs it: whether marker a is left/right of (or above/below) marker b, among four
-    options ~100 tokens back, past a closing sentence and the format prompt, the word found in the reasoning and
-    the options read in order up to it ("The leftmost marker is 2. The highest marker is 1. From 2, 1 is Right.
-    A. Up, no. B. Right, yes."), as the position reasoning reads them (scan_options, docs/tiny-model.md).
-    """
-    height = max(MIN_PATCH, round(width * 3 / 4))
-    if max_radius:
-        radius = rng.randint(radius, max_radius)
-    image = (Image.new("RGB", (width, height), tuple(rng.randrange(60, 200) for _ in range(3))) if plain
-             else render_scene(rng, width, height)[0])
-    if kind == "option":
-        words, pick = rng.sample(OPTION_WORDS, 4), rng.randrange(4)
-        options = " ".join(f"{LETTERS[i]}. {word}" for i, word in enumerate(words))
-        meta = {"kind": kind, "words": words, "size": [width, height], "plain": plain,
-                "think": f"{words[pick]} is option {LETTERS[pick]}."}
-        return Sample("primitive", "<image>" + PRIMITIVES[kind].format(word=words[pick], options=options),
-                      LETTERS[pick], [image], meta)
-    extra = {}
-    if kind == "which":
-        count = 1
-    elif kind == "choice":
-        count = 2
-    elif count is None:
-        count = rng.choice((1, 2, 3)) if kind == "where" else rng.choice((2, 3))
-    labels = rng.sample((1, 2) if kind == "choice" else (1, 2, 3), count)
-    while True:
-        points = _place_markers(rng, count, width, height, radius)
-        if points is None:                      # too crowded for this radius: shrink it
-            radius = max(2, radius - 2)
-            continue
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        if kind == "which":
-            answer, think, question = str(labels[0]), f"It is marker {labels[0]}.", PRIMITIVES[kind]
-        elif kind == "where":
-            i = rng.randrange(count)
-            fx, fy = xs[i] * 3 / width, ys[i] * 3 / height
-            if min(abs(fx - 1), abs(fx - 2)) * width / 3 < min_gap / 2 or \
-                    min(abs(fy - 1), abs(fy - 2)) * height / 3 < min_gap / 2:
-                continue
-            answer = f"{GRID_ROWS[int(fy)]} {GRID_COLUMNS[int(fx)]}"
-            think, question = f"Marker {labels[i]} is at the {answer}.", PRIMITIVES[kind].format(a=labels[i])
-        elif kind in ("highest", "lowest", "leftmost", "rightmost"):
-            values = ys if kind in ("highest", "lowest") else xs
-            order = sorted(range(count), key=values.__getitem__, reverse=kind in ("lowest", "rightmost"))
-            if abs(values[order[0]] - values[order[1]]) < min_gap:
-                continue
-            answer, question = str(labels[order[0]]), PRIMITIVES[kind]
-            think = f"The {kind} marker is {answer}."
-        elif kind == "choice":
-            if abs(xs[0] - xs[1]) < min_gap or abs(ys[0] - ys[1]) < min_gap:
-                continue
-            a, b = labels
-            axis, pair = rng.choice(_CHOICE_AXES)
-            word = pair[0] if (xs[0] < xs[1] if pair[0] == "Left" else ys[0] < ys[1]) else pair[1]
-            words = [*pair, *rng.sample([w for w in OPTION_WORDS if w not in pair], 2)]
-            rng.shuffle(words)
-            answer, extra = LETTERS[words.index(word)], {"words": words}
-            question = PRIMITIVES[kind].format(a=a, b=b, axis=axis, options=" ".join(
-                f"{LETTERS[i]}. {w}" for i, w in enumerate(words)))
-            think = (f"The leftmost marker is {_extreme(labels, points, 'leftmost')}. The highest marker is "
-                     f"{_extreme(labels, points, 'highest')}. From {b}, {a} is {word}. {scan_options(words, word)}")
-        else:                                   # above / left: a yes-no comparison of two labels
-            i, j = rng.sample(range(count), 2)
-            values = ys if kind == "above" else xs
-            if abs(values[i] - values[j]) < min_gap:
-                continue
-            yes = values[i] < values[j]
-            relation = {"above": ("above", "below"), "left": ("left of", "right of")}[kind][0 if yes else 1]
-            answer, question = ("yes" if yes else "no"), PRIMITIVES[kind].format(a=labels[i], b=labels[j])
-            think = f"Marker {labels[i]} is {relation} marker {labels[j]}."
-        break
-    draw = ImageDraw.Draw(image)
-    for point, label in zip(points, labels):
-        _draw_marker(draw, point, label, radius)
-    meta = {"kind": kind, "labels": labels, "centres": [list(p) for p in points], "radius": radius,
-            "size": [width, height], "plain": plain, "think": think, **extra}
-    return Sample("primitive", "<image>" + question, answer, [image], meta)
-
-
-def primitive_answer(meta, problem):
-    """Re-derive a primitive's answer from its meta and question (the tests' audit); None when ambiguous."""
-    kind = meta["kind"]
-    if kind == "choice":
-        a, b = (int(d) for d in re.findall(r"marker (\d)", problem))
-        (xa, ya), (xb, yb) = (meta["centres"][meta["labels"].index(label)] for label in (a, b))
-        word = ("Left" if xa < xb else "Right") if "left or the right" in problem else ("Up" if ya < yb else "Down")
-        return LETTERS[meta["words"].index(word)]
-    if kind == "option":
-        word = re.match(r"<image>Which option is (\S+)\?", problem).group(1)
-        return LETTERS[meta["words"].index(word)]
-    labels, (width, height) = meta["labels"], meta["size"]
-    xs, ys = ([c[i] for c in meta["centres"]] for i in (0, 1))
-    asked = [int(d) for d in re.findall(r"marker (\d)", problem)]
-    if kind == "which":
-        return str(labels[0])
-    if kind == "where":
-        i = labels.index(asked[0])
-        return f"{GRID_ROWS[int(ys[i] * 3 / height)]} {GRID_COLUMNS[int(xs[i] * 3 / width)]}"
-    if kind in ("highest", "lowest", "leftmost", "rightmost"):
-        values = ys if kind in ("highest", "lowest") else xs
-        best = (min if kind in ("highest", "leftmost") else max)(values)
-        return str(labels[values.index(best)]) if values.count(best) == 1 else None
-    i, j = labels.index(asked[0]), labels.index(asked[1])
-    values = ys if kind == "above" else xs
-    return None if values[i] == values[j] else ("yes" if values[i] < values[j] else "no")
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reward (spec section 2: EasyR1 `img_score` with mathruler's `extract_boxed_content`). Same results as those
-# regexes, rewritten so adversarial responses cost linear time: `\s*(<|>|/)\s*` and `<think>.*</think>.*\\boxed\{.*\}.*`
-# backtrack quadratically on long runs of spaces or repeated tags.
+# Reward (paper section 3.2; InternLM/Spatial-SSRL training/GRPO/examples/reward_function/math.py `img_score` with
+# mathruler's `extract_boxed_content`). Same results as those regexes, rewritten so adversarial responses cost linear
+# time: `\s*(<|>|/)\s*` and `<think>.*</think>.*\\boxed\{.*\}.*` backtrack quadratically on long runs of spaces or
+# repeated tags.
 
 # A whitespace run touching '<', '>' or '/'. Matches start only at a run's first character (the lookbehind), and
 # the possessive \s++ never backtracks, so each run is scanned once.
@@ -1269,10 +1125,75 @@ def open_images(record):
     return images
 
 # ---------------------------------------------------------------------------------------------------------------
+# Benchmarks: VLMEvalKit's multiple-choice TSV layout (vlmeval/dataset/image_mcq.py), read into task-like records
+
+def read_tsv(path):
+    """Rows of a VLMEvalKit multiple-choice TSV: index, question, A..D (some may be empty), answer, image.
+
+    `image` is base64; VLMEvalKit stores a repeated image once and puts the index of its row in later ones.
+    """
+    csv.field_size_limit(1 << 30)
+    if not os.path.isfile(path):
+        raise BadRecord(f"TSV {path} does not exist")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    missing = {"index", "question", "answer", "image", "A", "B"} - set(rows[0] if rows else ())
+    if missing:
+        raise BadRecord(f"{path} lacks the VLMEvalKit column(s) {', '.join(sorted(missing))}")
+    by_index = {row["index"]: row["image"] for row in rows}
+    for row in rows:
+        if len(row["image"]) < 64 and row["image"] in by_index:
+            row["image"] = by_index[row["image"]]
+    return rows
+
+
+def tsv_record(row):
+    """A task-like record: the image first, the question, the lettered options, then the answer letter."""
+    options = [letter for letter in "ABCDEFGH" if (row.get(letter) or "").strip() not in ("", "nan")]
+    hint = (row.get("hint") or "").strip()
+    lines = ([f"Hint: {hint}"] if hint and hint != "nan" else []) + [row["question"].strip()]
+    lines += [f"{letter}. {row[letter].strip()}" for letter in options]
+    lines.append("Answer with the option's letter from the given choices.")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
+    except (ValueError, OSError) as error:
+        raise BadRecord(f"row {row['index']}: image does not decode: {error}") from None
+    return {"id": row["index"], "task": "tsv", "problem": "<image>" + "\n".join(lines),
+            "answer": row["answer"].strip(), "options": {k: row[k].strip() for k in options}}, image
+
+
+def tsv_choice(response, options):
+    """The letter a response chose: its boxed content as a letter ('B', 'B.', 'B. text') or an option's text."""
+    content = extract_boxed(response)
+    if content is None:
+        return None
+    content = content.strip()
+    match = re.match(r"^\(?([A-H])\)?(?:[.:)\s]|$)", content)
+    if match and match.group(1) in options:
+        return match.group(1)
+    for letter, text in options.items():
+        if content.lower() == text.lower():
+            return letter
+    return None
+
+
+def tsv_batch(rows):
+    """TSV rows as (records, [[image]], how many did not decode), the loader `generate_answers` takes."""
+    records, images, skipped = [], [], 0
+    for row in rows:
+        try:
+            record, image = tsv_record(row)
+        except BadRecord:
+            skipped += 1
+            continue
+        records.append(record)
+        images.append([image])
+    return records, images, skipped
+
+# ---------------------------------------------------------------------------------------------------------------
 # Dataset builder. Each sample is a pure function of (seed, split, task, index, attempt), so the output is the same
 # bytes whatever the number of workers; a skipped attempt moves on to the next attempt's source.
 
-DEPTH_TASKS = ("depth", "position")
 MAX_ATTEMPTS = 40
 _SCENE_CACHE = {}
 _CONTEXT = {}   # per process: set by _start_worker (the pool initializer) or build_dataset itself
@@ -1293,27 +1214,23 @@ def _scene(name, width):
 
 
 def _attempt(task, rng, split, index, attempt):
-    context = _CONTEXT
-    kind = "rgbd" if task in DEPTH_TASKS else "rgb"
+    context, entry = _CONTEXT, TASKS[task]
+    kind = "rgbd" if entry.depth else "rgb"
     pool = context["sources"][split][kind]
     depth = mask = None
     if pool is None:
         image, depth = _scene(f"{context['seed']}:{split}:{index}:{attempt}", context["max_side"])
         source = f"scene:{context['seed']}:{split}:{index}:{attempt}"
     else:
-        entry = pool[rng.randrange(len(pool))]
-        source = os.path.relpath(entry[0], context["roots"][kind])
-        if task in DEPTH_TASKS:
-            image, depth, mask = load_rgbd(*entry)
+        chosen = pool[rng.randrange(len(pool))]
+        source = os.path.relpath(chosen[0], context["roots"][kind])
+        if entry.depth:
+            image, depth, mask = load_rgbd(*chosen)
         else:
-            image = load_rgb(entry[0])
+            image = load_rgb(chosen[0])
     image, depth, mask = _fit(image, context["max_side"], depth, mask)
-    if task == "depth":
-        sample = depth_task(image, depth, mask, rng)
-    elif task == "position":
-        sample = position_task(image, depth, mask, rng, facing_weights=context["facing_weights"])
-    else:
-        sample = {"shuffle": shuffle_task, "flip": flip_task, "crop": crop_task}[task](image, rng)
+    inputs = (image, depth, mask, rng) if entry.depth else (image, rng)
+    sample = entry.sample(*inputs, **context["options"].get(task, {}))
     sample.meta = {"source": source, "size": list(image.size), **sample.meta}
     return sample
 
@@ -1333,8 +1250,8 @@ def _make_sample(job):
         for number, image in enumerate(sample.images):
             relative = f"{task}/{split}_{index:06d}_{number}.jpg"
             path = os.path.join(context["out"], relative)
-            image.save(path + ".tmp", "JPEG", quality=95)       # atomic, like the jsonl
-            os.replace(path + ".tmp", path)
+            with written_atomically(path) as temp:
+                image.save(temp, "JPEG", quality=95)
             paths.append(relative)
         record = {"id": f"{split}-{task}-{index:06d}", "task": task, "problem": sample.problem,
                   "answer": sample.answer, "images": paths, "meta": sample.meta}
@@ -1352,12 +1269,35 @@ def _split_sources(items, seed, eval_share):
     return items[count:], items[:count]
 
 
-def _write_atomic(path, lines):
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+@contextlib.contextmanager
+def written_atomically(path):
+    """Yield a temporary path beside `path` to write a file or a folder at; when the block ends without an error it
+    replaces `path` in one rename, so no reader and no crash ever finds half of it under the real name."""
+    path = os.fspath(path)
+    temp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    _remove(temp)
+    try:
+        yield temp
+    except BaseException:
+        _remove(temp)
+        raise
+    if os.path.isdir(path):          # a rename replaces a file in one step, not a folder
+        shutil.rmtree(path)
+    os.replace(temp, path)
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _write_jsonl(path, lines):
+    with written_atomically(path) as temp, open(temp, "w", encoding="utf-8") as handle:
         handle.writelines(lines)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def build_dataset(out, rgb=None, rgbd=None, per_task=1000, eval_per_task=100, tasks=TASKS, seed=0, workers=1,
@@ -1409,17 +1349,17 @@ def build_dataset(out, rgb=None, rgbd=None, per_task=1000, eval_per_task=100, ta
         sources["train"]["rgb"], sources["eval"]["rgb"] = train, held_out
         described["rgb"] = f"{len(images)} images in {rgb}"
     for split, count in (("train", per_task), ("eval", eval_per_task)):
-        for kind in {"rgbd" if task in DEPTH_TASKS else "rgb" for task in tasks}:
+        for kind in {"rgbd" if TASKS[task].depth else "rgb" for task in tasks}:
             if count and sources[split][kind] == []:
                 skips[f"input: no {kind} sources for {split}"] += 1
     roots = {"rgb": os.path.abspath(rgb or rgbd or "."), "rgbd": os.path.abspath(rgbd or ".")}
     context = {"out": out, "seed": seed, "max_side": max_side, "sources": sources, "roots": roots,
-               "facing_weights": tuple(facing_weights) if facing_weights else None}
+               "options": {"position": {"facing_weights": tuple(facing_weights)}} if facing_weights else {}}
     for task in tasks:
         os.makedirs(os.path.join(out, task), exist_ok=True)
     jobs = [(split, task, index) for split, count in (("train", per_task), ("eval", eval_per_task))
             for index in range(count) for task in tasks
-            if sources[split]["rgbd" if task in DEPTH_TASKS else "rgb"] != []]
+            if sources[split]["rgbd" if TASKS[task].depth else "rgb"] != []]
     records = {"train": [], "eval": []}
     counts = {split: Counter() for split in records}
     from tqdm.auto import tqdm   # the same bar as ssrl.py's stages (tqdm comes with transformers)
@@ -1444,7 +1384,7 @@ def build_dataset(out, rgb=None, rgbd=None, per_task=1000, eval_per_task=100, ta
             pool.terminate()
     os.makedirs(out, exist_ok=True)
     for split in ("eval", "train"):       # train.jsonl last: its presence marks a finished build
-        _write_atomic(os.path.join(out, f"{split}.jsonl"), records[split])
+        _write_jsonl(os.path.join(out, f"{split}.jsonl"), records[split])
     seconds = time.time() - start
     total = sum(len(lines) for lines in records.values())
     return {"out": out, "train": dict(counts["train"]), "eval": dict(counts["eval"]),

@@ -31,6 +31,7 @@ import torch
 import grpo
 import ssrl
 import tasks
+import tiny
 
 
 def peak_reset(device):
@@ -85,7 +86,7 @@ def build(args, dist, root):
     else:
         records, pixels = default_records(root, args.prompts), (args.image_size or 112) ** 2
     family = ssrl.PRESETS[args.model][0]
-    corpus = ssrl.tokenizer_corpus([r for r in records if "meta" in r]) + [r["problem"] for r in records]
+    corpus = tiny.tokenizer_corpus([r for r in records if "meta" in r]) + [r["problem"] for r in records]
     if ssrl.PRESETS[args.model][1] is None:
         policy, processor = ssrl.build_tiny(family, corpus)
     else:
@@ -100,7 +101,7 @@ def build(args, dist, root):
     reference = copy.deepcopy(policy).to(dist.dtype).eval().requires_grad_(False)
     if dist.sharded:
         policy, reference = ssrl.shard(policy, dist.dtype), ssrl.shard(reference, dist.dtype)
-    batch = ssrl.to_device(ssrl.encode_prompts(processor, records, [tasks.open_images(r) for r in records],
+    batch = ssrl.to_device(grpo.encode_prompts(processor, records, [tasks.open_images(r) for r in records],
                                                min_pixels=pixels, max_pixels=pixels), device)
     return policy, reference, processor, batch, [r["answer"] for r in records], [r["task"] for r in records]
 

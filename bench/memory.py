@@ -7,7 +7,7 @@ not measurements (bench/gpu_check.py measures a one-GPU step of 3B and 4B when a
 What holds memory, per GPU of W (FSDP2 shards everything it owns over W):
   master weights fp32 4 B/param, gradients fp32 4 B, AdamW moments 8 B, reference bf16 2 B      (all / W)
   rollouts and no-grad passes: the policy gathered whole in bf16 (2 B/param, grpo.gathered) and the KV cache of
-    one generate call: m prompts x n x (prompt + response) tokens x 2 (K, V) x layers x kv heads x head dim x 2 B
+    one generate call: m prompts x n x (prompt + response) tokens x grpo.kv_bytes_per_token
   update: one micro-batch's activations with gradient checkpointing: the bf16 hidden state at every decoder layer
     (layers x D x 2 B per token) plus one layer recomputed in full (~2 B x (10 D + 3 I) per token), and the root's
     gathered bf16 embeddings and lm_head (FSDP keeps the root gathered through forward and backward)
@@ -18,29 +18,30 @@ import argparse
 
 import torch
 
+import grpo
+import ssrl
+import tiny
+
 PROMPT_TOKENS = 2000      # a 5-image crop prompt at 512 px (5 x ~334 visual tokens + ~130 text tokens)
 
 
 def architecture(name):
-    """(parameters, layers, hidden, intermediate, kv heads, head dim, vocabulary, tied) of a preset, on meta."""
+    """(parameters, layers, hidden, intermediate, KV bytes per token, vocabulary, tied) of a preset, on meta."""
     from transformers import AutoModelForImageTextToText
-    import ssrl
-    processor = ssrl.build_tiny_processor(ssrl.PRESETS[name][0], ssrl.tokenizer_corpus([]))
+    processor = ssrl.build_tiny_processor(ssrl.PRESETS[name][0], tiny.tokenizer_corpus([]))
     config = ssrl.real_config(name, processor.tokenizer)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return (sum(p.numel() for p in model.parameters()), text.num_hidden_layers, text.hidden_size,
-            text.intermediate_size, text.num_key_value_heads, head_dim, text.vocab_size, config.tie_word_embeddings)
+            text.intermediate_size, grpo.kv_bytes_per_token(config), text.vocab_size, config.tie_word_embeddings)
 
 
 def estimate(name, gpus, micro_batch, tokens, n=5, response=2048):
-    params, layers, hidden, intermediate, kv_heads, head_dim, vocab, tied = architecture(name)
+    params, layers, hidden, intermediate, kv_per_token, vocab, tied = architecture(name)
     gib = 2 ** 30
     sharded = {"master": 4 * params / gpus, "grads": 4 * params / gpus, "adam": 8 * params / gpus,
                "reference": 2 * params / gpus}
-    kv_per_token = 2 * layers * kv_heads * head_dim * 2
     kv = micro_batch * n * (PROMPT_TOKENS + response) * kv_per_token
     gathered = 2 * params
     activations = tokens * (layers * hidden * 2 + 2 * (10 * hidden + 3 * intermediate))
@@ -53,7 +54,6 @@ def estimate(name, gpus, micro_batch, tokens, n=5, response=2048):
 
 
 def main():
-    import ssrl
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rollout-micro-batch-size", type=int, default=None, help="default: each preset's own")

@@ -39,6 +39,7 @@ from transformers import AutoModelForImageTextToText
 import grpo
 import ssrl
 import tasks
+import tiny
 
 
 def probe_sample(rng, question):
@@ -54,7 +55,7 @@ def probe_sample(rng, question):
         label = 1
         y = (rng.randrange(radius + 2, height // 2 - radius) if answer == "1"
              else rng.randrange(height // 2 + radius, height - radius - 2))
-    tasks._draw_marker(ImageDraw.Draw(image), (x, y), label, radius)
+    tasks.draw_marker(ImageDraw.Draw(image), (x, y), label, radius)
     return image, answer
 
 
@@ -62,7 +63,7 @@ def lookup_sample(rng, tokenizer, layout, max_filler, answer="letter"):
     """(token ids, target ids, index of the answer letter): find the option letter of a word among four, far back.
     "letter": the text ends "<word> is option" and the target is the letter; "scan": the text ends with the
     reasoning that names the word and the target reads the options up to it (tasks.scan_options)."""
-    words, pick = rng.sample(tasks.OPTION_WORDS, 4), rng.randrange(4)
+    words, pick = rng.sample(tiny.OPTION_WORDS, 4), rng.randrange(4)
     options = " ".join(f"{tasks.LETTERS[i]}. {word}" for i, word in enumerate(words))
     if layout == "position":
         ignore = " and ignore the height difference between the two regions" if rng.random() < 0.5 else ""
@@ -186,7 +187,7 @@ def main():
     response = "<think>Looking at the marker.</think> \\boxed{{{}}}"
     with tempfile.TemporaryDirectory() as root:   # the tokenizer the default run trains: on real task samples
         tasks.build_dataset(root, per_task=100, eval_per_task=1, seed=args.seed, max_side=112, progress=False)
-        corpus = ssrl.tokenizer_corpus(tasks.load_records(root, "train"), args.seed)
+        corpus = tiny.tokenizer_corpus(tasks.load_records(root, "train"), args.seed)
     processor = ssrl.build_tiny_processor(ssrl.PRESETS[args.model][0], corpus)
     config = ssrl.tiny_config(ssrl.PRESETS[args.model][0], processor.tokenizer)
     text = config.text_config
@@ -209,7 +210,7 @@ def main():
     pixels = (56 * 56, 128 * 128)
 
     def encode(samples):
-        return ssrl.encode_prompts(processor, [{"problem": problem}] * len(samples), [[im] for im, _ in samples], *pixels)
+        return grpo.encode_prompts(processor, [{"problem": problem}] * len(samples), [[im] for im, _ in samples], *pixels)
 
     @torch.no_grad()
     def accuracy():
@@ -223,12 +224,12 @@ def main():
         model.train()
         return right / len(held_out)
 
-    length = len(processor.tokenizer(ssrl.prompt_text(processor, problem))["input_ids"]) - 1
+    length = len(processor.tokenizer(grpo.prompt_text(processor, problem))["input_ids"]) - 1
     print(f"{args.model}, {args.question}: prompt of {length} text tokens + 12 visual tokens; step 0 accuracy {accuracy():.2f}", flush=True)
 
     def step_loss(step):
         batch = [probe_sample(rng, args.question) for _ in range(args.batch)]
-        ids, mask = ssrl.encode_responses(processor.tokenizer, [response.format(answer) for _, answer in batch])
+        ids, mask = grpo.encode_responses(processor.tokenizer, [response.format(answer) for _, answer in batch])
         logp = grpo.response_logprobs(model, encode(batch), ids, mask)
         return -(logp * mask).sum() / mask.sum()
 

@@ -29,11 +29,8 @@ def make_inputs(folder, count, width, height):
 
 def one_sample(task, image_path, depth_path, rng):
     image = tasks.load_rgb(image_path)
-    if task in tasks.DEPTH_TASKS:
-        depth = tasks.load_depth(depth_path)
-        sample = (tasks.depth_task if task == "depth" else tasks.position_task)(image, depth, None, rng)
-    else:
-        sample = {"shuffle": tasks.shuffle_task, "flip": tasks.flip_task, "crop": tasks.crop_task}[task](image, rng)
+    entry = tasks.TASKS[task]
+    sample = entry.sample(*((image, tasks.load_depth(depth_path), None, rng) if entry.depth else (image, rng)))
     for output in sample.images:
         output.save(io.BytesIO(), "JPEG", quality=95)
 

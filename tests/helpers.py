@@ -12,6 +12,7 @@ from PIL import Image
 
 import ssrl
 import tasks
+import tiny
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
@@ -40,7 +41,7 @@ def _corpus():
                 continue
             records.append({"task": sample.task, "problem": sample.problem, "answer": sample.answer,
                             "meta": {"size": list(image.size), **sample.meta}})
-    return tuple(ssrl.tokenizer_corpus(records))
+    return tuple(tiny.tokenizer_corpus(records))
 
 
 def tiny_model(family="qwen2_5_vl", seed=0):

@@ -1,7 +1,7 @@
-"""grpo.py: the spec's equations by hand on fixed tensors, the log-prob path against the model's own logits (both
+"""grpo.py: EasyR1's equations by hand on fixed tensors, the log-prob path against the model's own logits (both
 model families), generation on left-padded multi-image batches, and the fault paths of a step.
 
-The tiny models, tokenizer and prompt batches are built here from shared/notes/env.md section 3, so these tests
+The tiny models, tokenizer and prompt batches are built here from transformers' configs, so these tests
 depend on nothing but grpo.py (tests/test_grpo_learning.py and tests/dist_grpo.py import them from this file).
 """
 import math
@@ -20,7 +20,7 @@ CORPUS = ["<think>x</think> \\boxed{A}", "<think>red</think> \\boxed{B}", "<thin
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tiny models, tokenizer and prompt batches (env.md section 3)
+# Tiny models, tokenizer and prompt batches
 
 def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -145,7 +145,7 @@ def test_group_advantages_by_hand():
 
 
 def hand_loss(logp, old, ref, advantage, clip_low=0.2, clip_high=0.3, dual=3.0, kl_coef=0.01):
-    """One token of spec section 5 in plain floats."""
+    """One token of EasyR1's compute_policy_loss and low_var_kl (verl/trainer/core_algos.py) in plain floats."""
     log_ratio = min(max(logp - old, -20.0), 20.0)
     ratio = math.exp(log_ratio)
     clipped = math.exp(min(max(log_ratio, math.log(1 - clip_low)), math.log(1 + clip_high)))

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
 import ssrl  # noqa: E402
 import tasks  # noqa: E402
+import tiny  # noqa: E402
 
 SFT_BATCH, SFT_LR, MIN_SFT_STEPS, MAX_SFT_STEPS, PROBE, FORMAT_STOP = 16, 3e-3, 25, 80, 32, 0.25
 GRPO_STEPS, PROMPTS_PER_STEP, LR = 10, 8, 2e-3
@@ -41,7 +42,7 @@ def build_data(root):
 
 
 def encode(processor, records):
-    return ssrl.encode_prompts(processor, records, [tasks.open_images(r) for r in records], *PIXELS)
+    return grpo.encode_prompts(processor, records, [tasks.open_images(r) for r in records], *PIXELS)
 
 
 def cold_start(model, processor, train, seed):
@@ -58,7 +59,7 @@ def cold_start(model, processor, train, seed):
                 return step
         records = rng.sample(train, SFT_BATCH)
         batch = encode(processor, records)
-        completion_ids, completion_mask = ssrl.encode_responses(
+        completion_ids, completion_mask = grpo.encode_responses(
             processor.tokenizer, [tasks.cold_start_response(record, rng) for record in records])
         logp = grpo.response_logprobs(model, batch, completion_ids, completion_mask)
         loss = -(logp * completion_mask).sum() / completion_mask.sum()
@@ -83,7 +84,7 @@ def held_out(model, processor, batch, answers, seed, samples=4):
 
 
 def run(seed, train, held_out_records):
-    model, processor = ssrl.build_tiny("qwen2_5_vl", ssrl.tokenizer_corpus(train), seed=seed)
+    model, processor = ssrl.build_tiny("qwen2_5_vl", tiny.tokenizer_corpus(train), seed=seed)
     sft_steps = cold_start(model, processor, train, seed)
     eval_batch, answers = encode(processor, held_out_records), [r["answer"] for r in held_out_records]
     before = held_out(model, processor, eval_batch, answers, seed)

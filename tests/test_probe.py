@@ -5,14 +5,14 @@ import re
 import numpy as np
 import pytest
 
-import ssrl
+import tiny
 from bench.probe import lookup_sample, probe_sample
-from tasks import _PALETTE
+from tasks import PALETTE
 
 
 def marker_pixels(image, label):
     array = np.asarray(image).astype(int)
-    return np.argwhere(np.abs(array - np.array(_PALETTE[label])).sum(-1) < 30)     # [k, (y, x)]
+    return np.argwhere(np.abs(array - np.array(PALETTE[label])).sum(-1) < 30)     # [k, (y, x)]
 
 
 def test_colour_answer_is_the_drawn_label():
@@ -38,7 +38,7 @@ def test_row_answer_is_the_half_the_marker_is_in():
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(ssrl.shipped_base("tiny-qwen3-vl"))
+    return AutoTokenizer.from_pretrained(tiny.shipped_base("tiny-qwen3-vl"))
 
 
 def test_lookup_answer_is_the_letter_of_the_word_asked(tokenizer):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import grpo
 import ssrl
 import tasks
+import tiny
 from tests.helpers import tiny_dataset, tiny_model
 
 
@@ -83,7 +84,7 @@ def test_real_width_architecture_trains_saves_and_reloads(name, tmp_path, monkey
                             "--sft-num-train-epochs", "1", "--sft-warmup-ratio", "0", *pixels])
     assert args.gradient_checkpointing          # on by default for the paper models
     dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
-    model, processor, family = ssrl.load_model(args, dist, ssrl.tokenizer_corpus(records))
+    model, processor, family = ssrl.load_model(args, dist, tiny.tokenizer_corpus(records))
     config = model.config.get_text_config()
     assert (config.vocab_size, config.num_hidden_layers, len(model.model.visual.blocks)) == (151936, 1, 1)
     assert config.hidden_size == {"qwen2.5-vl-3b": 2048, "qwen3-vl-4b": 2560}[name]
@@ -100,7 +101,7 @@ def test_real_width_architecture_trains_saves_and_reloads(name, tmp_path, monkey
     # one GRPO step: 2 prompts x 2 responses of at most 4 tokens, shared prompts, one update
     model.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
-    batch = ssrl.encode_prompts(processor, records, [tasks.open_images(r) for r in records], 3136, 12544)
+    batch = grpo.encode_prompts(processor, records, [tasks.open_images(r) for r in records], 3136, 12544)
     assert batch["images_per_sample"].tolist() == [5, 1]
     cfg = grpo.GRPOConfig(num_generations=2, max_new_tokens=4, updates_per_step=1, kl_coef=0.0)
     torch.manual_seed(0)

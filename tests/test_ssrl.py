@@ -14,6 +14,7 @@ import torch
 import grpo
 import ssrl
 import tasks
+import tiny
 from tests.helpers import FAMILIES, make_record, tiny_dataset, tiny_model
 
 
@@ -34,7 +35,7 @@ def test_every_image_token_sits_where_its_placeholder_was(family):
     _, processor = tiny_model(family)
     rng = random.Random(1)
     records, images = zip(*[make_record(rng, n) for n in (1, 5, 3)])
-    batch = ssrl.encode_prompts(processor, list(records), list(images), 56 * 56, 128 * 128)
+    batch = grpo.encode_prompts(processor, list(records), list(images), 56 * 56, 128 * 128)
     tokenizer = processor.tokenizer
     start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
     grids = iter(batch["image_grid_thw"].tolist())
@@ -62,8 +63,8 @@ def test_every_image_token_sits_where_its_placeholder_was(family):
 
 
 def response_logprobs(model, processor, records, images, responses):
-    batch = ssrl.encode_prompts(processor, records, images, 56 * 56, 128 * 128)
-    completion_ids, completion_mask = ssrl.encode_responses(processor.tokenizer, responses)
+    batch = grpo.encode_prompts(processor, records, images, 56 * 56, 128 * 128)
+    completion_ids, completion_mask = grpo.encode_responses(processor.tokenizer, responses)
     with torch.no_grad():
         logp = grpo.response_logprobs(model, batch, completion_ids, completion_mask)
     return [row[mask.bool()] for row, mask in zip(logp, completion_mask)]
@@ -89,7 +90,7 @@ def test_response_logprobs_same_alone_and_left_padded_in_a_mixed_batch(family):
         torch.testing.assert_close(reordered[i], alone, atol=2e-5, rtol=1e-5)
     # and the positions matter: dropping mm_token_type_ids (1-D fallback) changes Qwen2.5-VL's log-probs
     if family == "qwen2_5_vl":
-        batch = ssrl.encode_prompts(processor, records[:1], images[:1], 56 * 56, 128 * 128)
+        batch = grpo.encode_prompts(processor, records[:1], images[:1], 56 * 56, 128 * 128)
         inputs = {k: v for k, v in batch.items() if k != "images_per_sample"}
         with torch.no_grad():
             logits_3d = model(**inputs).logits
@@ -106,12 +107,10 @@ def test_every_cold_start_answer_scores_one():
     phrasings = {task: set() for task in tasks.TASKS}
     for index in range(2500):
         image, depth = scenes[index % len(scenes)]
-        task = tasks.TASKS[index % 5]
+        task = list(tasks.TASKS)[index % 5]
+        entry = tasks.TASKS[task]
         try:
-            if task in ("depth", "position"):
-                sample = getattr(tasks, f"{task}_task")(image, depth, None, rng)
-            else:
-                sample = getattr(tasks, f"{task}_task")(image, rng)
+            sample = entry.sample(*((image, depth, None, rng) if entry.depth else (image, rng)))
         except tasks.Skip:
             continue
         record = {"task": task, "answer": sample.answer, "meta": {"size": list(image.size), **sample.meta}}
@@ -137,8 +136,8 @@ def test_checkpoint_loads_with_from_pretrained_and_gives_identical_logits(tmp_pa
     loaded_processor = ssrl.load_processor(path, "qwen3_vl")
     rng = random.Random(4)
     records, images = zip(*[make_record(rng, n) for n in (1, 2)])
-    batch = ssrl.encode_prompts(processor, list(records), list(images), 56 * 56, 128 * 128)
-    batch_loaded = ssrl.encode_prompts(loaded_processor, list(records), list(images), 56 * 56, 128 * 128)
+    batch = grpo.encode_prompts(processor, list(records), list(images), 56 * 56, 128 * 128)
+    batch_loaded = grpo.encode_prompts(loaded_processor, list(records), list(images), 56 * 56, 128 * 128)
     for key in batch:
         assert torch.equal(batch[key], batch_loaded[key]), key
     inputs = {k: v for k, v in batch.items() if k != "images_per_sample"}
@@ -174,14 +173,14 @@ def test_tsv_eval_of_a_model_that_always_answers_A(tmp_path, monkeypatch):
     result = ssrl.evaluate_tsv(args, dist, model, processor, tmp_path / "bench.tsv")
     assert result == {"accuracy": 4 / 7, "format": 1.0, "n": 7, "skipped": 0}
     assert seen == [3, 3, 1]
-    assert ssrl.tsv_choice("<think></think>\\boxed{Front}", {"A": "Left", "C": "Front"}) == "C"
-    assert ssrl.tsv_choice("\\boxed{(B)}", {"A": "x", "B": "y"}) == "B"
-    assert ssrl.tsv_choice("no box", {"A": "x"}) is None
+    assert tasks.tsv_choice("<think></think>\\boxed{Front}", {"A": "Left", "C": "Front"}) == "C"
+    assert tasks.tsv_choice("\\boxed{(B)}", {"A": "x", "B": "y"}) == "B"
+    assert tasks.tsv_choice("no box", {"A": "x"}) is None
 
 
 def test_tiny_presets_have_their_own_defaults_and_user_flags_win():
     args = ssrl.parse_args([])
-    assert args.model == "tiny-qwen3-vl" and args.sft_learning_rate == ssrl.TINY_DEFAULTS["sft_learning_rate"]
+    assert args.model == "tiny-qwen3-vl" and args.sft_learning_rate == tiny.TINY_DEFAULTS["sft_learning_rate"]
     assert args.freeze_vision_tower is False and args.data == "data/tiny"
     args = ssrl.parse_args(["--sft-learning-rate", "0.01", "--model", "tiny-qwen2.5-vl"])
     assert args.sft_learning_rate == 0.01 and args.max_pixels == 128 * 128
@@ -249,3 +248,43 @@ def test_report_to_sends_every_row_and_a_missing_package_is_one_line(tmp_path, m
     with pytest.raises(ssrl.UserError, match="pip install wandb") as error:
         ssrl.Metrics(tmp_path, dist, report_to="wandb")
     assert "\n" not in str(error.value)
+
+
+def corner_task(image, rng):
+    """A toy sixth task: which corner of the image holds a painted square."""
+    corner = rng.randrange(4)
+    width, height = image.size
+    side = min(width, height) // 3
+    left, top = (corner % 2) * (width - side), (corner // 2) * (height - side)
+    image = image.copy()
+    image.paste(tuple(rng.randrange(256) for _ in range(3)), (left, top, left + side, top + side))
+    problem = "<image>Which corner holds the square? A. top left B. top right C. bottom left D. bottom right"
+    return tasks.Sample("corner", problem, "ABCD"[corner], [image], {"corner": corner, "box": [left, top, side]})
+
+
+def corner_reasoning(meta, answer, rng):
+    return f"The square is at the {('top', 'bottom')[meta['corner'] // 2]} {('left', 'right')[meta['corner'] % 2]}."
+
+
+def test_a_sixth_task_is_one_function_and_one_entry(tmp_path, monkeypatch):
+    """Registered in tasks.TASKS and nowhere else, a toy task is built, cold-started on its own reasoning and
+    evaluated against its own chance."""
+    monkeypatch.setitem(tasks.TASKS, "corner", tasks.Task(corner_task, corner_reasoning, chance=1 / 4))
+    data, out = tmp_path / "data", tmp_path / "run"
+    ssrl.main(["--model", "tiny-qwen2.5-vl", "--init", "random", "--tasks", "corner", "--data", str(data),
+               "--out", str(out), "--stage", "sft", "--per-task", "32", "--eval-per-task", "8",
+               "--sft-num-train-epochs", "6", "--save-steps", "100"])
+    records = tasks.load_records(data, "train")
+    assert len(records) == 32 and {r["task"] for r in records} == {"corner"}
+    for record in records[:8]:     # the answer names the corner the square was pasted in
+        (image,) = tasks.open_images(record)
+        left, top, side = record["meta"]["box"]
+        corner = "ABCD".index(record["answer"])
+        assert (left > 0, top > 0) == (corner % 2 == 1, corner // 2 == 1)
+        low, high = image.crop((left + 2, top + 2, left + side - 2, top + side - 2)).convert("L").getextrema()
+        assert high - low < 40                                   # the square is there, one flat colour
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss/corner"] for row in rows if row.get("stage") == "sft"]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 1.5        # its cold-start answers were learnt
+    evaluation = json.loads((out / "eval-sft.json").read_text())
+    assert evaluation["corner"]["n"] == 8 and evaluation["corner"]["chance"] == 0.25

@@ -209,7 +209,7 @@ def test_markers_use_per_label_colours():
     radius = tasks._marker_radius(112, 84)
     for label, (x, y) in enumerate(sample.meta["centres"], 1):
         ring = pixels[y - radius + 2:y + radius - 1, x - radius + 2]     # inside the circle, left of the digit
-        assert np.abs(ring - tasks._PALETTE[label]).sum(axis=1).min() < 60
+        assert np.abs(ring - tasks.PALETTE[label]).sum(axis=1).min() < 60
 
 
 def test_render_scene_is_deterministic_and_varied():
@@ -230,8 +230,8 @@ def test_tasks_skip_images_too_small_for_a_grid():
 
 
 def test_chance_and_prompt():
-    assert tasks.CHANCE["flip"] == 1 / 8 and tasks.CHANCE["depth"] == 1 / 6
-    assert 1 / 24 < tasks.CHANCE["shuffle"] < 1 / 6
+    assert tasks.TASKS["flip"].chance == 1 / 8 and tasks.TASKS["depth"].chance == 1 / 6
+    assert 1 / 24 < tasks.TASKS["shuffle"].chance < 1 / 6
     prompt = tasks.make_prompt("  <image>Question?\n")
     assert prompt == "<image>Question? " + tasks.FORMAT_PROMPT
     assert tasks.FORMAT_PROMPT.endswith("The final answer MUST BE put in \\boxed{}.")

@@ -191,7 +191,7 @@ def test_build_from_every_layout_counts_skips_and_keeps_eval_disjoint(tmp_path, 
                for split in ("train", "eval")}
     assert not sources["train"] & sources["eval"]
     depth_sources = {record["meta"]["source"] for split in ("train", "eval")
-                     for record in tasks.load_records(tmp_path / "out", split) if record["task"] in tasks.DEPTH_TASKS}
+                     for record in tasks.load_records(tmp_path / "out", split) if tasks.TASKS[record["task"]].depth}
     assert depth_sources == good                        # every layout read, MegaDepth through the fake h5py
 
 
@@ -336,6 +336,6 @@ def test_rgb_folder_feeds_the_rgb_tasks_and_scenes_the_depth_tasks(tmp_path):
     assert not summary["missing"] and summary["sources"]["rgbd"] == "rendered scenes"
     for record in tasks.load_records(tmp_path / "out") + tasks.load_records(tmp_path / "out", "eval"):
         source = record["meta"]["source"]
-        assert source.startswith("scene:") if record["task"] in tasks.DEPTH_TASKS else source.startswith("nested/")
+        assert source.startswith("scene:") if tasks.TASKS[record["task"]].depth else source.startswith("nested/")
     with pytest.raises(ValueError, match="not a directory"):
         tasks.build_dataset(tmp_path / "other", rgb=str(tmp_path / "missing"), progress=False)

@@ -1,4 +1,5 @@
-"""The reward matches EasyR1's `img_score` + mathruler (spec section 2) and stays linear on adversarial strings."""
+"""The reward matches EasyR1's `img_score` + mathruler (InternLM/Spatial-SSRL training/GRPO/examples/reward_function/
+math.py) and stays linear on adversarial strings."""
 import re
 import time
 
@@ -9,7 +10,7 @@ from tasks import extract_boxed, reward
 
 
 def reference_extract(text):
-    """mathruler.grader.extract_boxed_content, as the spec describes it ("None" when absent)."""
+    """mathruler.grader.extract_boxed_content, (mathruler 0.1.0 grader.py: "None" when absent)."""
     start = text.rfind(r"\boxed{")
     if start == -1:
         return "None"
@@ -22,7 +23,7 @@ def reference_extract(text):
 
 
 def reference_reward(response, answer):
-    """spec section 2, verbatim (quadratic on long inputs: only for short strings)."""
+    """img_score's regexes, verbatim (quadratic on long inputs: only for short strings)."""
     response = re.sub(r"\s*(<|>|/)\s*", r"\1", response)
     format_score = 1.0 if re.fullmatch(r"<think>.*</think>.*\\boxed\{.*\}.*", response, re.DOTALL) else 0.0
     accuracy = 1.0 if reference_extract(response) == answer else 0.0

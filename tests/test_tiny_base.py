@@ -11,30 +11,31 @@ import torch
 
 import ssrl
 import tasks
+import tiny
 
 
 def test_every_primitive_answer_is_what_the_markers_say():
     """2,700 primitives (markers of every size, plain and scene backgrounds): the answer re-derived from the drawn
     centres equals the sample's, comparisons are never ties, and the reasoning states the answer."""
     rng = random.Random(7)
-    kinds = tuple(tasks.PRIMITIVES)
+    kinds = tuple(tiny.PRIMITIVES)
     for index in range(2700):
         kind = kinds[index % len(kinds)]
-        sample = tasks.primitive_sample(rng, kind, 112, 6, rng.choice((None, 12, 24)), rng.random() < 0.3,
+        sample = tiny.primitive_sample(rng, kind, 112, 6, rng.choice((None, 12, 24)), rng.random() < 0.3,
                                         rng.choice((4, 8)), rng.choice((None, 3)) if kind not in ("which",) else None)
-        assert tasks.primitive_answer(sample.meta, sample.problem) == sample.answer, (kind, sample.meta)
+        assert tiny.primitive_answer(sample.meta, sample.problem) == sample.answer, (kind, sample.meta)
         if kind != "option":
             radius = sample.meta["radius"]
             assert all(radius < x < 112 - radius and radius < y < 84 - radius for x, y in sample.meta["centres"])
-        response = tasks.cold_start_response({"task": "primitive", "answer": sample.answer, "meta": sample.meta}, rng)
+        response = tiny.primitive_response({"task": "primitive", "answer": sample.answer, "meta": sample.meta}, rng)
         assert tasks.reward(response, sample.answer)["accuracy"] == 1.0
         if kind not in ("above", "left"):      # yes/no: the reasoning states the relation itself
             assert sample.answer in sample.meta["think"]
     # a marker moved to the other side flips a comparison's answer: the audit reads the geometry, not the sample
-    sample = tasks.primitive_sample(random.Random(1), "leftmost", 112, 6, None, False, 8, 2)
+    sample = tiny.primitive_sample(random.Random(1), "leftmost", 112, 6, None, False, 8, 2)
     meta = json.loads(json.dumps(sample.meta))
     meta["centres"] = [[112 - x, y] for x, y in meta["centres"]]
-    assert tasks.primitive_answer(meta, sample.problem) != sample.answer
+    assert tiny.primitive_answer(meta, sample.problem) != sample.answer
 
 
 def test_depth_and_position_reasonings_name_what_the_base_reads():
@@ -74,18 +75,18 @@ def test_shipped_base_loads_and_sees():
     dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
     model, processor, family = ssrl.load_model(args, dist)
     assert family == "qwen3_vl" and sum(p.numel() for p in model.parameters()) < 2.5e6
-    results = ssrl.evaluate_primitives(model, processor, ssrl.primitive_held_out("ci", 300))   # 30 per kind
+    results = tiny.evaluate_primitives(model, processor, tiny.primitive_held_out("ci", 300))   # 30 per kind
     # the reads the depth and position reasonings use (the last phases drop "where", "above" and "left": unused)
     comparisons = [results[kind] for kind in ("lowest", "highest", "leftmost", "rightmost")]
-    assert sum(comparisons) / 4 > tasks.PRIMITIVE_CHANCE["lowest"] + 0.3 and min(comparisons) > 0.6, results
-    assert results["choice"] > tasks.PRIMITIVE_CHANCE["choice"] + 0.5, results     # the position reasoning's reading
-    recipe = json.loads((ssrl.shipped_base("tiny-qwen3-vl") / "pretrain.json").read_text())
+    assert sum(comparisons) / 4 > tiny.PRIMITIVE_CHANCE["lowest"] + 0.3 and min(comparisons) > 0.6, results
+    assert results["choice"] > tiny.PRIMITIVE_CHANCE["choice"] + 0.5, results     # the position reasoning's reading
+    recipe = json.loads((tiny.shipped_base("tiny-qwen3-vl") / "pretrain.json").read_text())
     assert recipe["command"] == "python ssrl.py --stage pretrain --model tiny-qwen3-vl"
-    assert recipe["sha256"] == ssrl.file_sha256(ssrl.shipped_base("tiny-qwen3-vl") / "model.safetensors")
+    assert recipe["sha256"] == tiny.file_sha256(tiny.shipped_base("tiny-qwen3-vl") / "model.safetensors")
 
 
 def test_missing_or_corrupted_base_is_one_line_naming_the_remake_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(ssrl, "shipped_base", lambda name: tmp_path / name)
+    monkeypatch.setattr(tiny, "shipped_base", lambda name: tmp_path / name)
     argv = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--stage", "eval"]
     with pytest.raises(ssrl.UserError, match="python ssrl.py --stage pretrain --model tiny-qwen3-vl") as error:
         ssrl.load_model(ssrl.parse_args(argv), ssrl.Dist(0, 1, 0, torch.device("cpu")))
@@ -108,8 +109,8 @@ def test_pretrain_stage_writes_a_base_the_recipe_trains_from(tmp_path):
     ssrl.main(["--stage", "pretrain", "--pretrain-scale", "0.005", "--pretrain-eval", "10", "--out",
                str(tmp_path / "base")])
     recipe = json.loads((tmp_path / "base" / "pretrain.json").read_text())
-    assert recipe["steps"] == 63 and recipe["sha256"] == ssrl.file_sha256(tmp_path / "base" / "model.safetensors")
-    assert set(recipe["held_out"]) >= set(ssrl.PRETRAIN_EVAL_KINDS)
+    assert recipe["steps"] == 63 and recipe["sha256"] == tiny.file_sha256(tmp_path / "base" / "model.safetensors")
+    assert set(recipe["held_out"]) >= set(tiny.PRETRAIN_EVAL_KINDS)
     assert ssrl.is_tiny(str(tmp_path / "base"))
     ssrl.main(["--model", str(tmp_path / "base"), "--stage", "sft", "--data", str(tmp_path / "data"), "--per-task",
                "8", "--eval-per-task", "2", "--max-response-length", "16", "--out", str(tmp_path / "run")])
