@@ -1051,7 +1051,33 @@ def _fit(image, max_side, depth=None, mask=None):
     return image, depth, mask
 
 # ---------------------------------------------------------------------------------------------------------------
-# Records: our jsonl, or the released spatialssrl.parquet + image folders (pyarrow optional)
+# Records: our jsonl, or the released Spatial-SSRL-81k (spatialssrl.parquet + images.zip; pyarrow optional).
+#
+# The release as InternLM/Spatial-SSRL training/training.md lays it out: `spatialssrl.parquet` (or renamed
+# data/parquets/train.parquet), one row per sample with `problem` (<image> placeholders), `answer` (a string,
+# compared exactly) and `images` (EasyR1's image_key), and images.zip unpacked to images/{crop,depth,flip,position,
+# shuffle}/. No eval split ships (the official "val" is the parquet's first 10,000 rows, data/process_GRPO_val.py:
+# one or two tasks of a file ordered by task), so ssrl.py holds rows out itself (`hold_out`).
+#
+# An image entry may be anything EasyR1's verl/utils/dataset.py process_image opens: a path string, {"bytes": ...}
+# (the Hugging Face Image feature; its "path" then only names the file) or raw bytes; {"path": ...} too. Paths:
+# the 7B script sets data.image_dir=/ (EasyR1 joins it to string paths), so stored paths may be absolute
+# (/data/images/crop/x.jpg) or root-relative (data/images/crop/x.jpg) on a machine that is not this one. A path is
+# tried as given under --data when relative, then cut at its first task folder and tried under --data/,
+# --data/images/ and --data/data/images/ (the two layouts of training.md): first hit wins. Our choice: nothing
+# outside --data is ever read; an absolute path only lends its task folder and file name, and a relative one may
+# not leave --data through '..' or a symlink. The folder is kept: depth/ and position/ share file names.
+
+RELEASE_IMAGE_FOLDERS = ("", "images", os.path.join("data", "images"))
+
+
+class EmbeddedImage(bytes):
+    """An encoded image held in the data file itself ({"bytes": ...} or raw bytes); printed short, not as bytes."""
+
+    def __str__(self):
+        return f"<embedded image, {len(self)} bytes>"
+
+    __repr__ = __str__
 
 
 def _inside(root, relative, where):
@@ -1067,62 +1093,300 @@ def _inside(root, relative, where):
     return path
 
 
-def _read_parquet(path):
+def release_image(root, entry, where):
+    """One entry of a release row's `images` -> (an existing path under root, or EmbeddedImage; the path the row
+    names or None). BadRecord when the entry has no usable form or no candidate exists (see the section's rules)."""
+    if isinstance(entry, dict):
+        if entry.get("bytes"):
+            return EmbeddedImage(entry["bytes"]), entry.get("path")
+        entry = entry.get("path")
+    if isinstance(entry, (bytes, bytearray)) and entry:
+        return EmbeddedImage(entry), None
+    if not isinstance(entry, str) or not entry:
+        raise BadRecord(f"{where}: an image must be a path, {{'path': ...}}, {{'bytes': ...}} or bytes, got "
+                        f"{type(entry).__name__}")
+    parts = [part for part in re.split(r"[\\/]", entry) if part not in ("", ".")]
+    absolute = os.path.isabs(entry) or bool(re.match(r"^[A-Za-z]:", entry))
+    if not absolute and ".." in parts:
+        raise BadRecord(f"{where}: image path {entry!r} leaves the dataset root ('..')")
+    candidates = [] if absolute else [os.path.join(*parts)]
+    cut = next((i for i, part in enumerate(parts) if part in TASKS), None)
+    if cut is not None and ".." not in parts[cut:]:
+        candidates += [os.path.join(folder, *parts[cut:]) for folder in RELEASE_IMAGE_FOLDERS]
+    real_root = os.path.realpath(root)
+    for relative in dict.fromkeys(candidates):
+        path = os.path.join(root, relative)
+        if os.path.isfile(path):
+            if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+                raise BadRecord(f"{where}: image path {entry!r} leaves the dataset root (symlink)")
+            return path, relative
+    tried = ", ".join(candidates) or "nothing: no task folder in the path"
+    raise BadRecord(f"{where}: image {entry!r} not found under {root} (tried {tried})")
+
+
+def split_file(root, split):
+    """The file holding `split` under root: our {split}.jsonl, else a release parquet; None when there is none."""
+    names = [f"{split}.jsonl", f"{split}.parquet", os.path.join("data", "parquets", f"{split}.parquet")]
+    names += ["spatialssrl.parquet"] if split == "train" else []
+    return next((os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n))), None)
+
+
+def _parquet(path):
+    """pyarrow.parquet, imported only when a parquet file is read (the release, Q-Spatial-Bench): it is optional."""
     try:
         import pyarrow.parquet as parquet
     except ImportError:
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    return parquet.read_table(path, columns=["problem", "answer", "images"]).to_pylist()
+    return parquet
 
 
-def load_records(root, split="train"):
-    """Records of one split: {"id", "task", "problem", "answer", "images": [absolute paths], "meta"}."""
+def _read_parquet(path):
+    parquet = _parquet(path)
+    names = parquet.read_schema(path).names
+    missing = [key for key in ("problem", "answer", "images") if key not in names]
+    if missing:
+        raise BadRecord(f"{path}: no column(s) {', '.join(missing)}; a Spatial-SSRL parquet has problem, answer, "
+                        f"images (found {', '.join(names)})")
+    columns = ["problem", "answer", "images"] + [key for key in ("task", "id") if key in names]
+    return parquet.read_table(path, columns=columns).to_pylist()
+
+
+def _read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise BadRecord(f"{path}:{number}: not JSON ({error.msg})") from None
+    return rows
+
+
+def _need_file(path, expected):
+    if not os.path.isfile(path):
+        raise BadRecord(f"{path}: no such file; expected {expected}")
+    return path
+
+
+def _rows(path, expected):
+    """A JSON list, JSON lines or a parquet file (pyarrow) as a list of dicts; BadRecord naming `expected` when it is
+    none of them."""
+    _need_file(path, expected)
+    if path.endswith(".parquet"):
+        return _parquet(path).read_table(path).to_pylist()
+    if path.endswith(".jsonl"):
+        return _read_jsonl(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            rows = json.load(handle)
+    except ValueError as error:
+        raise BadRecord(f"{path}: not JSON ({error}); expected {expected}") from None
+    if not isinstance(rows, list):
+        raise BadRecord(f"{path}: expected {expected} (a JSON list)")
+    return rows
+
+
+def _task_of(row, named):
+    """A row's task: its `task` column, else the first task folder of an image path it names."""
+    if row.get("task"):
+        return str(row["task"])
+    for path in named:
+        for part in re.split(r"[\\/]", path or ""):
+            if part in TASKS:
+                return part
+    return None
+
+
+def load_records(root, split="train", problems=None):
+    """Records of one split: {"id", "task", "problem", "answer", "images": [absolute paths or EmbeddedImage],
+    "meta"}, from our jsonl or a release parquet (section comment above).
+
+    Every row's <image> count is checked against its images. With `problems` (a Counter) a bad row is skipped and
+    its reason counted there, the same on every rank that reads the same files; without, it raises BadRecord."""
     root = os.path.abspath(root)
-    jsonl = os.path.join(root, f"{split}.jsonl")
-    if os.path.isfile(jsonl):
-        rows = []
-        with open(jsonl, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise BadRecord(f"{jsonl}:{number}: not JSON ({error.msg})") from None
-        source, check_placeholders = jsonl, True
-    else:
-        names = [f"{split}.parquet", os.path.join("data", "parquets", f"{split}.parquet")]
-        names += ["spatialssrl.parquet"] if split == "train" else []
-        source = next((os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n))), None)
-        if source is None:
-            raise FileNotFoundError(f"no {split}.jsonl or {split} parquet ({', '.join(names)}) in {root}")
-        rows, check_placeholders = _read_parquet(source), False   # the release's placeholder layout is unchecked
+    source = split_file(root, split)
+    if source is None:
+        raise FileNotFoundError(f"no {split}.jsonl or {split} parquet in {root}")
+    ours = source.endswith(".jsonl")
+
+    def record(row, where, number):
+        if not isinstance(row, dict) or not all(key in row for key in ("problem", "answer", "images")):
+            raise BadRecord(f"{where}: needs the fields problem, answer, images")
+        if ours:
+            named = list(row["images"] or [])
+            images = [_inside(root, relative, where) for relative in named]
+        else:
+            images, named = [], []
+            for entry in row["images"] or []:
+                image, name = release_image(root, entry, where)
+                images.append(image)
+                named.append(name)
+        _check_placeholders(row["problem"], images, where)
+        task = _task_of(row, named)
+        if task is None:
+            raise BadRecord(f"{where}: no task (no task column and no task folder in its image paths)")
+        return {"id": str(row.get("id") or f"{split}-{number - 1:06d}"), "task": task, "problem": row["problem"],
+                "answer": str(row["answer"]), "images": images, "meta": row.get("meta") or {}}
+
+    return _records_of(_read_jsonl(source) if ours else _read_parquet(source), source, record, problems)
+
+
+def _check_placeholders(problem, images, where):
+    placeholders = str(problem).count("<image>")
+    if placeholders != len(images):
+        raise BadRecord(f"{where}: {placeholders} <image> placeholders for {len(images)} images")
+
+
+def _records_of(rows, source, record, problems=None):
+    """record(row, "source:number", number) of every row (numbered from 1). A row it refuses with BadRecord is
+    skipped and its reason counted in `problems` (a Counter), or raised when there is none."""
     records = []
     for number, row in enumerate(rows, 1):
         where = f"{source}:{number}"
-        if not isinstance(row, dict) or not all(key in row for key in ("problem", "answer", "images")):
-            raise BadRecord(f"{where}: needs the fields problem, answer, images")
-        relatives = [item.get("path") if isinstance(item, dict) else item for item in row["images"] or []]
-        images = [_inside(root, relative, where) for relative in relatives]
-        if check_placeholders and row["problem"].count("<image>") != len(images):
-            raise BadRecord(f"{where}: {row['problem'].count('<image>')} <image> placeholders for {len(images)} images")
-        task = row.get("task") or next((part for part in re.split(r"[\\/]", relatives[0] if relatives else "")
-                                        if part in TASKS), "unknown")
-        records.append({"id": row.get("id", f"{split}-{number - 1:06d}"), "task": task, "problem": row["problem"],
-                        "answer": str(row["answer"]), "images": images, "meta": row.get("meta", {})})
+        try:
+            records.append(record(row, where, number))
+        except BadRecord as error:
+            if problems is None:
+                raise
+            problems[_reason(str(error), where)] += 1
     return records
 
 
+def _reason(message, where):
+    """A skipped row's message without its row number, so that equal reasons count together."""
+    reason = message.replace(where + ": ", "")
+    return re.sub(r"'[^']*'", "'...'", reason) if "not found" in reason else reason
+
+
+def image_file(item):
+    """What PIL opens for an image item of a record: its path, or a buffer over embedded bytes."""
+    return io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item
+
+
 def open_images(record):
-    """The record's images as RGB PIL images; BadRecord("path: reason") when one is missing or corrupt."""
+    """The record's images as RGB PIL images; BadRecord("path: reason") when one is missing or corrupt. An item is
+    a path, embedded bytes or a PIL image already."""
     images = []
-    for path in record["images"]:
-        if not os.path.isfile(path):
-            raise BadRecord(f"{path}: missing")
+    for item in record["images"]:
+        if isinstance(item, Image.Image):
+            images.append(_to_rgb(item))
+            continue
+        if isinstance(item, str) and not os.path.isfile(item):
+            raise BadRecord(f"{item}: missing")
         try:
-            images.append(load_rgb(path))
+            images.append(load_rgb(image_file(item)))
         except Skip as error:
-            raise BadRecord(f"{path}: {error}") from None
+            raise BadRecord(f"{item}: {error}") from None
     return images
+
+
+def source_keys(record):
+    """Where a release row's pixels come from, as far as its file names show it: the folder and the first number of
+    each image's name. crop's blackened_image_01234_00017.jpg and cropped_img_01234_2.jpg share "crop/01234";
+    flip/image_12_3.jpg is "flip/12"; depth/image_10.jpg and position/image_10.jpg stay apart. A row whose images
+    name no file is a source of its own."""
+    keys = set()
+    for item in record["images"]:
+        if isinstance(item, str):
+            name = os.path.basename(item)
+            number = re.search(r"\d+", name)
+            keys.add(f"{os.path.basename(os.path.dirname(item))}/{number.group() if number else name}")
+    return keys or {f"row:{record['id']}"}
+
+
+def hold_out(records, per_task=0, seed=0, ids=None):
+    """(train, held_out, dropped) for a dataset without an eval split: `per_task` rows of each task drawn by a
+    seeded shuffle (or the rows whose id is in `ids`, a split written before), and the training rows that share no
+    source (`source_keys`) with a held-out row; `dropped` counts the training rows left out for sharing one."""
+    if ids is None:
+        rng, by_task = random.Random(f"{seed}:held-out"), {}
+        for record in records:
+            by_task.setdefault(record["task"], []).append(record)
+        ids = set()
+        for task in sorted(by_task):
+            rows = list(by_task[task])
+            rng.shuffle(rows)
+            ids.update(record["id"] for record in rows[:per_task])
+    ids = set(ids)
+    held_out = [record for record in records if record["id"] in ids]
+    held_sources = set().union(*(source_keys(record) for record in held_out))
+    train = [record for record in records if record["id"] not in ids]
+    kept = [record for record in train if not source_keys(record) & held_sources]
+    return kept, held_out, len(train) - len(kept)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cold-start files (--sft-data): the release's SFT-coldstart.json, ~3.6k rows with written reasonings
+
+_TASK_PHRASES = (("shuffled", "shuffle"), ("is flipped", "flip"), ("missing part", "crop"),
+                 ("three regions marked", "depth"), ("two regions marked", "position"))
+
+
+def task_of_problem(problem):
+    """The pretext task a question asks, from its template's wording (the templates above); None when none fits."""
+    return next((task for phrase, task in _TASK_PHRASES if phrase in problem), None)
+
+
+def wrap_reasoning(output):
+    """A cold-start answer in the format the reward checks: unchanged when it has <think>...</think>; else the text
+    before its last \\boxed{} becomes the reasoning, "<think>text</think> \\boxed{...}" (None without a box)."""
+    if "<think>" in output and "</think>" in output:
+        return output
+    box = output.rfind("\\boxed{")
+    if box < 0:
+        return None
+    return f"<think>{output[:box].strip()}</think> {output[box:].strip()}"
+
+
+def _turns(row):
+    """(user text, assistant text) of a sharegpt row: `messages` or `conversations`, role/content or from/value."""
+    turns = row.get("messages") or row.get("conversations")
+    if not isinstance(turns, list):
+        return None
+    said = [(turn.get("role") or turn.get("from"), turn.get("content") or turn.get("value") or "")
+            for turn in turns if isinstance(turn, dict)]
+    said = [(role, text) for role, text in said if role != "system"]
+    if len(said) != 2 or said[0][0] not in ("user", "human") or said[1][0] not in ("assistant", "gpt"):
+        return None
+    return said[0][1], said[1][1]
+
+
+def load_cold_start(path, problems=None):
+    """(records, wrapped) of a cold-start SFT file: LLaMA-Factory alpaca rows (instruction, input, output, images; the
+    release's dataset_info.json maps prompt/query/response to them) or single-turn sharegpt rows (messages or
+    conversations, images). The question is instruction + "\\n" + input when input is set (LLaMA-Factory's
+    AlpacaDatasetConverter), used as written (its own "\\boxed{}" sentence; no format prompt appended); images are
+    relative to the file's folder (LLaMA-Factory's media_dir). `wrapped` counts outputs that had no
+    <think>...</think> (`wrap_reasoning`). Bad rows are counted in `problems` and skipped (raised without it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    rows = _rows(path, "a cold-start file: a JSON list of alpaca rows (instruction, input, output, images)")
+    wrapped = 0
+
+    def record(row, where, number):
+        nonlocal wrapped
+        if not isinstance(row, dict):
+            raise BadRecord(f"{where}: not an object")
+        if "instruction" in row and "output" in row:
+            problem = "\n".join(str(row[key]) for key in ("instruction", "input") if row.get(key))
+            output = str(row["output"])
+        elif _turns(row):
+            problem, output = _turns(row)
+        else:
+            raise BadRecord(f"{where}: neither alpaca (instruction, output) nor a single-turn sharegpt row")
+        images = [item if os.path.isabs(item) else os.path.join(folder, item) for item in row.get("images") or []]
+        if not all(os.path.isfile(item) for item in images):
+            raise BadRecord(f"{where}: image not found")
+        _check_placeholders(problem, images, where)
+        response = wrap_reasoning(output)
+        if response is None:
+            raise BadRecord(f"{where}: output without <think>...</think> and without \\boxed{{}}")
+        wrapped += response != output
+        answer = extract_boxed(response)
+        return {"id": f"coldstart-{number - 1:06d}", "task": task_of_problem(problem) or "coldstart",
+                "problem": problem, "answer": answer if answer is not None else "", "images": images, "meta": {},
+                "response": response, "format_prompt": False}
+
+    return _records_of(rows, path, record, problems), wrapped
 
 # ---------------------------------------------------------------------------------------------------------------
 # Benchmarks: VLMEvalKit's multiple-choice TSV layout (vlmeval/dataset/image_mcq.py), read into task-like records

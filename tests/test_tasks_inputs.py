@@ -314,12 +314,18 @@ def test_released_parquet_needs_pyarrow(tmp_path, monkeypatch):
 
 
 def test_released_parquet_rows_become_records(tmp_path, monkeypatch):
+    """The reader's two pyarrow calls faked, so that this runs without pyarrow (tests/test_release.py reads real
+    parquet files)."""
     (tmp_path / "data" / "parquets").mkdir(parents=True)
     (tmp_path / "data" / "parquets" / "train.parquet").write_bytes(b"PAR1")
+    for name in ("flip/0001.png", "crop/1.png", "crop/2.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _scene(0)[0].save(tmp_path / name)
     rows = [{"problem": "<image>q", "answer": "3-0", "images": ["flip/0001.png"]},
             {"problem": "q <image><image>", "answer": "B", "images": [{"path": "crop/1.png"}, {"path": "crop/2.png"}]}]
     table = types.SimpleNamespace(to_pylist=lambda: rows)
-    parquet = types.SimpleNamespace(read_table=lambda path, columns: table)
+    schema = types.SimpleNamespace(names=["problem", "answer", "images"])
+    parquet = types.SimpleNamespace(read_table=lambda path, columns: table, read_schema=lambda path: schema)
     monkeypatch.setitem(sys.modules, "pyarrow", types.SimpleNamespace(parquet=parquet))
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
     records = tasks.load_records(tmp_path)
