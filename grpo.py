@@ -40,6 +40,7 @@ gathered per layer as usual, so every rank runs the same number of them (padded 
 import contextlib
 import dataclasses
 import math
+import random
 import time
 import types
 from collections import defaultdict
@@ -318,23 +319,56 @@ def _sample(model, prompts, n, shared, kwargs):
     return model.generate(**repeated, cache=cache, **kwargs)[:, prompt_len:]
 
 
+class SeededSampler:
+    """A transformers logits processor that samples each row from its own generator, seeded by a string: the row's
+    tokens then depend on its seed and its own logits, whatever else shares the batch (up to the last bits of
+    the logits, which the batch's padding can move). Softmax at `temperature`, nucleus `top_p`, then the inverse
+    CDF at the row's next uniform draw; the scores returned are 0 at the drawn token and -inf elsewhere, so that
+    generate's greedy pick takes it."""
+
+    def __init__(self, seeds, temperature, top_p=1.0):
+        self.seeds = [random.Random(seed).getrandbits(63) for seed in seeds]
+        self.temperature, self.top_p, self.generators = temperature, top_p, None
+
+    def __call__(self, input_ids, scores):
+        if self.generators is None:
+            self.generators = [torch.Generator(scores.device).manual_seed(seed) for seed in self.seeds]
+        probs = torch.softmax(scores.float() / self.temperature, -1)                          # [rows, V]
+        if self.top_p < 1.0:
+            ordered, order = probs.sort(-1, descending=True)
+            outside = ordered.cumsum(-1) - ordered > self.top_p                               # [rows, V]
+            probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
+        draws = torch.stack([torch.rand((), generator=g, device=scores.device) for g in self.generators])  # [rows]
+        cumulative = probs.cumsum(-1)                                                         # [rows, V]
+        tokens = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None], right=True)   # [rows, 1]
+        tokens = tokens.clamp(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter(-1, tokens, 0.0)
+
+
 @torch.no_grad()
 def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id,
-                         micro_batch_size=None, shared_prompt=True):
+                         micro_batch_size=None, shared_prompt=True, seeds=None):
     """n responses per prompt -> completion_ids [B*n, R] right-padded with pad_token_id, completion_mask [B*n, R]
     (1 up to and including the first EOS), truncated [B*n] (no EOS within max_new_tokens).
 
     Prompts go `micro_batch_size` at a time (with their n responses), longest first, so that each call pads to
     similar lengths: the KV cache and the prefill's activations are bounded by the micro-batch, not the batch.
-    A sharded model is gathered once for the whole call (or by the caller's `gathered`)."""
+    A sharded model is gathered once for the whole call (or by the caller's `gathered`).
+    `seeds` (one per prompt; evaluation): response j of prompt i is drawn by its own generator seeded by
+    (seeds[i], j) (`SeededSampler`), so it does not depend on which prompts share the batch or the rank, and the
+    global RNG is not touched."""
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    kwargs = _sampling_kwargs(model, max_new_tokens, temperature, top_p, eos_ids, pad_token_id)
+    seeded = seeds is not None and temperature > 0
+    kwargs = _sampling_kwargs(model, max_new_tokens, 0.0 if seeded else temperature, top_p, eos_ids, pad_token_id)
     lengths = batch["attention_mask"].sum(1).cpu()                                            # [B]
     order = torch.argsort(lengths, descending=True, stable=True)                              # [B]
     pieces = []
     with gathered(model):
         for chunk in order.split(micro_batch_size or len(order)):
             prompts = _trim_left_padding(select_samples(batch, chunk))
+            if seeded:
+                row_seeds = [f"{seeds[p]}:{j}" for p in chunk.tolist() for j in range(n)]
+                kwargs["logits_processor"] = [SeededSampler(row_seeds, temperature, top_p)]
             ids = _sample(model, prompts, n, shared_prompt, kwargs)                           # [b*n, r]
             # mask per call, before padding to a common width: the pad id may be an EOS id (Qwen's <|endoftext|>)
             is_eos = torch.isin(ids, torch.tensor(eos_ids, device=ids.device))                # [b*n, r]
