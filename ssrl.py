@@ -7,15 +7,17 @@ evaluation -> checkpoints and metrics -> main.
     python ssrl.py                                 # the whole recipe on the tiny base (cold start, then GRPO), CPU
     python ssrl.py --stage sft                     # build tiny data, eval, SFT cold start, eval
     python ssrl.py --eval runs/ssrl/checkpoint-120 # greedy eval of a checkpoint on the held-out split
-    python ssrl.py --eval CKPT --eval-tsv WhatsUp.tsv 3DSRBench.tsv   # VLMEvalKit-style multiple-choice TSVs
+    python ssrl.py --eval CKPT --eval-tsv MMBench_DEV_EN.tsv   # any VLMEvalKit multiple-choice TSV
+    python ssrl.py --eval CKPT --eval-bench spatial457=Spatial457.tsv vsi-bench=VSIBench/vsi_bench.json  # Table 1
     python ssrl.py --plot runs/ssrl                # metrics.jsonl -> metrics.png
-    torchrun --nproc_per_node 8 ssrl.py --model qwen2.5-vl-7b --data data/spatial-ssrl-81k
+    torchrun --nproc_per_node 8 ssrl.py --model qwen2.5-vl-7b --data data/Spatial-SSRL-81k   # the release as downloaded
     python ssrl.py --model qwen3-vl-4b --init random --stage sft   # real architecture, random weights (speed/memory)
 
 Defaults are the paper's recipe (section 4.1 and the released training scripts); the tiny presets (`tiny-qwen3-vl`,
 the default, and `tiny-qwen2.5-vl`) replace some of them with tiny.TINY_DEFAULTS so that a CPU learns in minutes.
 Everything a run writes goes under --out: metrics.jsonl, eval-<stage>.json, checkpoint-<step>/ folders that
-`AutoModelForImageTextToText.from_pretrained` loads as they are, and metrics.png.
+`AutoModelForImageTextToText.from_pretrained` loads as they are, metrics.png, held-out.json (the rows held out of a
+dataset without an eval split) and bench-<name>.json (--eval-bench).
 """
 import argparse
 import datetime
@@ -28,7 +30,8 @@ import re
 import shutil
 import sys
 import time
-from collections import defaultdict
+import zlib
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,14 +97,27 @@ def build_parser():
         "pretrain: a tiny preset's perception base from random init, into checkpoints/<preset> (or --out)")
     add("--eval", metavar="CHECKPOINT", help="shortcut for --stage eval --model CHECKPOINT")
     add("--eval-tsv", nargs="+", default=[], metavar="TSV",
-        help="also score VLMEvalKit multiple-choice TSVs (index, question, A-D, answer, image as base64)")
+        help="also score VLMEvalKit multiple-choice TSVs (index, question, A-D, answer, image as base64) with "
+        "VLMEvalKit's prompt and answer matching")
+    add("--eval-bench", nargs="+", default=[], metavar="NAME=PATH",
+        help=f"score the model on the paper's benchmarks (Table 1) from files you downloaded, each with its own "
+        f"prompt and scoring: {', '.join(f'{name} ({spec.expected})' for name, spec in tasks.BENCHMARKS.items())}")
+    add("--vsi-frames", type=int, default=128, help="frames per VSI-Bench video, uniformly spaced (the paper: 128)")
+    add("--eval-num-samples", type=int, default=1, metavar="K", help="also sample K responses per held-out prompt "
+        "at --eval-temperature and report pass@1 (their mean accuracy) and pass@K beside greedy (0: greedy only)")
+    add("--eval-temperature", type=float, default=1.0, help="temperature of those samples (1: what GRPO samples and "
+        "maximises)")
     add("--plot", metavar="RUN_DIR", help="turn RUN_DIR/metrics.jsonl into RUN_DIR/metrics.png and exit")
-    add("--data", default=None, help="dataset folder (train.jsonl/eval.jsonl or the released parquet); built with "
-        "tasks.build_dataset from procedural scenes when it holds no train.jsonl")
+    add("--data", default=None, help="dataset folder (train.jsonl/eval.jsonl, or the released Spatial-SSRL-81k: "
+        "spatialssrl.parquet and images/ as downloaded); built with tasks.build_dataset from procedural scenes when it "
+        "holds no dataset")
+    add("--sft-data", metavar="FILE.json", help="cold-start examples with written answers (the release's "
+        "SFT-coldstart.json: alpaca rows; sharegpt too), in place of the program-written reasonings")
     add("--out", default="runs/ssrl", help="run folder: metrics, evaluations, checkpoints")
     add("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS, help="pretext tasks to train and evaluate")
     add("--per-task", type=int, default=4000, help="training samples per task when the data is built")
-    add("--eval-per-task", type=int, default=200, help="held-out samples per task when the data is built")
+    add("--eval-per-task", type=int, default=200, help="held-out samples per task when the data is built, or rows "
+        "held out per task from a dataset without an eval split (the release; written to OUT/held-out.json)")
     add("--max-side", type=int, default=512, help="longest image side when the data is built")
     add("--seed", type=int, default=1, help="seed for model init, data order and sampling (EasyR1 data.seed)")
     # SFT cold start: LLaMA-Factory's recipe (paper section 4.1; InternLM/Spatial-SSRL training/SFT-coldstart/
@@ -205,10 +221,24 @@ def parse_args(argv=None):
         raise UserError("--layers K needs --init random and K >= 1")
     if args.num_generations < 2:
         raise UserError("--num-generations must be at least 2: GRPO's baseline is the group mean")
+    args.eval_bench = parse_benchmarks(args.eval_bench)
+    if args.vsi_frames < 1 or args.eval_num_samples < 0 or args.eval_temperature <= 0:
+        raise UserError("--vsi-frames must be at least 1, --eval-num-samples at least 0, --eval-temperature above 0")
     if args.rollout_batch_size % args.global_batch_size:
         raise UserError(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of --global-batch-size "
                         f"{args.global_batch_size}")
     return args
+
+
+def parse_benchmarks(items):
+    """--eval-bench NAME=PATH ... -> {name: path}, in Table 1's order."""
+    chosen = {}
+    for item in items:
+        name, separator, path = item.partition("=")
+        if not separator or name.lower() not in tasks.BENCHMARKS or not path:
+            raise UserError(f"--eval-bench {item!r}: expected NAME=PATH with NAME one of {', '.join(tasks.BENCHMARKS)}")
+        chosen[name.lower()] = path
+    return {name: chosen[name] for name in tasks.BENCHMARKS if name in chosen}
 
 
 def is_tiny(model):
@@ -274,6 +304,15 @@ def compute_init(dtype="auto", timeout=3600):
 def print0(*values, dist=None, **kwargs):
     if dist is None or dist.rank == 0:
         print(*values, **kwargs, flush=True)
+
+
+def gather_objects(items, dist):
+    """Every rank's list, concatenated in rank order (one all_gather_object that every rank reaches)."""
+    if dist.world == 1:
+        return list(items)
+    gathered = [None] * dist.world
+    torch_dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
 
 
 def shard(model, compute_dtype, offload=False):
@@ -462,15 +501,19 @@ def to_device(batch, device):
 
 def prompt_length(processor, record, min_pixels, max_pixels):
     """Prompt tokens of a record from its image sizes (headers only), without decoding the pixels."""
-    text_tokens = len(processor.tokenizer(grpo.prompt_text(processor, record["problem"]))["input_ids"])
+    text = grpo.prompt_text(processor, record["problem"], record.get("format_prompt", True))
+    text_tokens = len(processor.tokenizer(text)["input_ids"])
     merge = processor.image_processor.merge_size ** 2
     image_tokens = 0
-    for path in record["images"]:
+    for item in record["images"]:     # a path, embedded bytes (tasks.EmbeddedImage) or a PIL image
         try:
-            with Image.open(path) as image:
-                width, height = image.size
+            if isinstance(item, Image.Image):
+                width, height = item.size
+            else:
+                with Image.open(tasks.image_file(item)) as image:
+                    width, height = image.size
         except (OSError, ValueError) as error:
-            raise tasks.BadRecord(f"record {record.get('id')}: cannot open {path}: {error}") from None
+            raise tasks.BadRecord(f"record {record.get('id')}: cannot open {item}: {error}") from None
         patches = processor.image_processor.get_number_of_image_patches(
             height, width, {"min_pixels": min_pixels, "max_pixels": max_pixels})
         image_tokens += patches // merge - 1
@@ -529,6 +572,46 @@ def sft_subset(records, fraction, seed):
     return random.Random(seed).sample(records, count) if count < len(records) else list(records)
 
 
+def sft_examples(args, records):
+    """The cold-start examples: every row of --sft-data (a cold-start file is used whole), else a seeded
+    --sft-data-fraction of the training split."""
+    return list(records) if args.sft_data else sft_subset(records, args.sft_data_fraction, args.seed)
+
+
+def load_sft_data(args, dist, train):
+    """The rows of --sft-data (tasks.load_cold_start), with one line on what was read, wrapped and skipped; None when
+    the cold start draws from the training split. Release rows carry no meta, from which the program writes its
+    reasonings: a dataset of such rows takes the release's own cold-start set, DATA/SFT-coldstart.json."""
+    path = args.sft_data
+    if not path and any(not record["meta"] for record in train):
+        path = Path(args.data) / "SFT-coldstart.json"
+        if not path.is_file():
+            raise UserError(f"{args.data} has no metadata for program-written cold-start reasonings (the release's "
+                            "rows): pass --sft-data path/to/SFT-coldstart.json")
+        print0(f"sft-data: using {path}, the release's cold-start set", dist=dist)
+        args.sft_data = str(path)        # saved with the checkpoints; sft_examples then takes the file whole
+    if not path:
+        return None
+    problems = Counter()
+    try:
+        records, wrapped = tasks.load_cold_start(str(path), problems)
+    except (OSError, ValueError) as error:     # tasks.BadRecord is a ValueError
+        raise UserError(str(error).splitlines()[0]) from None     # the message names the file
+    skipped = f"; skipped {sum(problems.values())} rows ({reasons(problems)})" if problems else ""
+    if not records:
+        raise UserError(f"--sft-data {path}: no usable rows{skipped}")
+    print0(f"sft-data: {len(records)} cold-start rows from {path}" + (
+        f"; {wrapped} outputs had no <think>...</think>: the text before their last \\boxed{{}} was wrapped in it"
+        if wrapped else "") + skipped, dist=dist)
+    return records
+
+
+def reasons(problems, most=3):
+    """The `most` common reasons of a Counter of skipped rows, on one line."""
+    return "; ".join(f"{count} x {reason}" for reason, count in problems.most_common(most)) + (
+        "; ..." if len(problems) > most else "")
+
+
 def freeze_for_sft(model, freeze_vision_tower, freeze_projector):
     visual = model.model.visual
     mergers = [name for name, _ in visual.named_children() if "merger" in name]
@@ -566,7 +649,7 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
     Loss over response tokens only, averaged over all response tokens of the global batch (micro-batches and
     ranks), as LLaMA-Factory's trainer does with gradient accumulation. Returns the optimizer step reached.
     """
-    examples = sft_subset(train_records, args.sft_data_fraction, args.seed)
+    examples = sft_examples(args, train_records)
     steps_per_epoch = math.ceil(len(examples) / args.sft_global_batch_size)
     total_steps = max(1, math.ceil(args.sft_num_train_epochs * steps_per_epoch))
     micro_count = math.ceil(math.ceil(args.sft_global_batch_size / dist.world) / args.sft_micro_batch_size)
@@ -586,8 +669,10 @@ def train_sft(args, dist, model, processor, train_records, optimizer=None, sched
             if not kept:     # nothing readable: a weight-0 pass keeps the ranks' forward counts equal
                 record, record_images = stand_in(examples)
                 kept, images, weight = [record], [record_images], 0.0
-            # the phrasing depends on (seed, step, example) only: same data whatever the number of ranks, and on resume
-            responses = [tasks.cold_start_response(r, random.Random(f"{args.seed}-{step}-{r['id']}")) for r in kept]
+            # a cold-start file's written answer, else the program's: its phrasing depends on (seed, step, example)
+            # only, so the data is the same whatever the number of ranks, and on resume
+            responses = [r.get("response")
+                         or tasks.cold_start_response(r, random.Random(f"{args.seed}-{step}-{r['id']}")) for r in kept]
             prepared.append((kept, images, responses, weight))
         local_tokens = 0
         encoded = []
@@ -641,7 +726,7 @@ def run_sft(args, dist, model, processor, train, state, resume, metrics):
     (7B under FSDP on 8 GPUs: the SFT optimizer's 7.6 GB per GPU would otherwise stay alive through GRPO)."""
     parameters = freeze_for_sft(model, args.freeze_vision_tower, args.freeze_multi_modal_projector)
     optimizer = torch.optim.AdamW(parameters, lr=args.sft_learning_rate, weight_decay=args.sft_weight_decay)
-    examples = sft_subset(train, args.sft_data_fraction, args.seed)
+    examples = sft_examples(args, train)
     total = max(1, math.ceil(args.sft_num_train_epochs * math.ceil(len(examples) / args.sft_global_batch_size)))
     scheduler = sft_schedule(optimizer, args, total)
     if resume:
@@ -702,10 +787,7 @@ def write_rollouts(args, dist, step, records, rollouts):
     for rollout in rollouts:
         record = records[rollout["index"]]
         rollout.update(id=record["id"], images=[str(p) for p in record["images"]], rank=dist.rank)
-    if dist.world > 1:
-        gathered = [None] * dist.world
-        torch_dist.all_gather_object(gathered, rollouts)
-        rollouts = [r for part in gathered for r in part]
+    rollouts = gather_objects(rollouts, dist)
     if dist.rank == 0:
         folder = Path(args.out) / "rollouts"
         folder.mkdir(parents=True, exist_ok=True)
@@ -774,7 +856,7 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
     return first_step + grpo_step
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation: one answer loop (`generate_answers`) for the held-out split, VLMEvalKit TSVs and the paper's benchmarks
 
 def generate_greedy(model, processor, batch, max_new_tokens):
     """Greedy completions [B, R] for an encoded prompt batch, through grpo's rollout function (temperature 0)."""
@@ -784,33 +866,58 @@ def generate_greedy(model, processor, batch, max_new_tokens):
     return completion_ids
 
 
-def longest_first(processor, records, min_pixels, max_pixels):
-    """Records sorted by prompt length, longest first, so that each generate call pads to similar lengths (a
-    mixed batch of 1- and 5-image prompts is ~60% left padding); unreadable ones last (they are skipped anyway)."""
-    def length(record):
-        try:
-            return prompt_length(processor, record, min_pixels, max_pixels)
-        except tasks.BadRecord:
-            return 0
-    return sorted(records, key=length, reverse=True)
+def call_batches(records, size):
+    """Records in generate calls of at most `size` prompts and 5 x `size` images (a batch of 5-image crop prompts):
+    a VSI-Bench prompt of 128 frames goes alone."""
+    batches, images = [], 0
+    for record in records:
+        count = len(record["images"])
+        if batches and len(batches[-1]) < size and images + count <= 5 * size:
+            batches[-1].append(record)
+            images += count
+        else:
+            batches.append([record])
+            images = count
+    return batches
 
 
-def generate_answers(args, dist, model, processor, items, load, min_pixels, max_pixels):
-    """Greedy answers to this rank's `items`, --eval-batch-size at a time, in order, on the model gathered once: no
-    collective inside, so a rank whose items are unreadable (or fewer) cannot stall the others. `load` turns a slice
-    of items into (records, their images, how many were unreadable). Returns [(record, text)] and that count."""
+@torch.no_grad()
+def generate_answers(args, dist, model, processor, records, min_pixels, max_pixels, samples=0, temperature=1.0,
+                     resize=None, sort_key=None):
+    """This rank's strided share of `records` answered on the model gathered once: greedily, and with `samples`
+    K > 0 also K responses each at `temperature`, response j of a record drawn by its own generator seeded by
+    (--seed, record id, j) (grpo.SeededSampler), so that a seed gives the same samples whatever the batching or the
+    number of ranks, and the greedy answers and the global RNG are the same as without them.
+
+    Prompts go --eval-batch-size per generate call (`call_batches`), sorted by `sort_key` (largest first), their
+    images opened per call (and resized to `resize` first); unreadable ones are skipped and counted. Returns
+    [(record, greedy text, [sampled texts])] and that count. No collective inside, so a rank whose records are
+    unreadable (or fewer) cannot stall the others."""
     was_training = model.training
     model.eval()
+    tokenizer = processor.tokenizer
+    share = records[dist.rank::dist.world]
+    batches = call_batches(sorted(share, key=sort_key, reverse=True) if sort_key else share, args.eval_batch_size)
     answers, skipped = [], 0
-    progress = Progress(math.ceil(len(items) / args.eval_batch_size), 0, "eval", dist, leave=False)
+    progress = Progress(len(batches), 0, "eval", dist, leave=False)
     with grpo.gathered(model):
-        for start in range(0, len(items), args.eval_batch_size):
-            records, images, bad = load(items[start:start + args.eval_batch_size])
+        for chunk in batches:
+            kept, images, bad = open_batch(chunk)
             skipped += bad
-            if records:
-                batch = grpo.encode_prompts(processor, records, images, min_pixels, max_pixels)
-                completions = generate_greedy(model, processor, to_device(batch, dist.device), args.max_response_length)
-                answers += zip(records, processor.tokenizer.batch_decode(completions, skip_special_tokens=True))
+            if kept:
+                if resize:
+                    images = [[image.resize(resize) for image in group] for group in images]
+                batch = to_device(grpo.encode_prompts(processor, kept, images, min_pixels, max_pixels), dist.device)
+                greedy = tokenizer.batch_decode(generate_greedy(model, processor, batch, args.max_response_length),
+                                                skip_special_tokens=True)
+                sampled = [[] for _ in kept]
+                if samples:
+                    ids, _, _ = grpo.generate_completions(
+                        model, batch, samples, args.max_response_length, temperature, 1.0, tokenizer.eos_token_id,
+                        tokenizer.pad_token_id, seeds=[f"{args.seed}:{record['id']}" for record in kept])
+                    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+                    sampled = [texts[i * samples:(i + 1) * samples] for i in range(len(kept))]
+                answers += zip(kept, greedy, sampled)
             progress.update({})
     progress.close()
     model.train(was_training)
@@ -818,74 +925,177 @@ def generate_answers(args, dist, model, processor, items, load, min_pixels, max_
 
 
 @torch.no_grad()
-def evaluate(args, dist, model, processor, records, min_pixels=None, max_pixels=None):
-    """Greedy decoding over held-out records; per task and overall: reward, accuracy, format rate, n and chance.
-    Each rank decodes its strided share, longest prompts first."""
+def evaluate(args, dist, model, processor, records, min_pixels=None, max_pixels=None, samples=0, temperature=1.0):
+    """Held-out records answered by `generate_answers`, longest prompts first (each generate call then pads to similar
+    lengths: a mixed batch of 1- and 5-image prompts is ~60% left padding); per task and overall: reward, accuracy
+    (greedy), format rate, n and chance, and with `samples` K > 0 the sampled answers' pass@1 (their mean accuracy:
+    what GRPO maximises at T = 1) and pass@K (tasks.pass_at_k)."""
     min_pixels, max_pixels = min_pixels or args.min_pixels, max_pixels or args.max_pixels
-    share = longest_first(processor, records[dist.rank::dist.world], min_pixels, max_pixels)
-    answers, skipped = generate_answers(args, dist, model, processor, share, open_batch, min_pixels, max_pixels)
-    sums = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])    # reward, accuracy, format, n
-    for record, text in answers:
-        score = tasks.reward(text, record["answer"])
-        entry = sums[record["task"]]
-        for i, key in enumerate(("overall", "accuracy", "format")):
-            entry[i] += score[key]
-        entry[3] += 1
+
+    def length(record):
+        try:
+            return prompt_length(processor, record, min_pixels, max_pixels)
+        except tasks.BadRecord:
+            return 0      # unreadable ones last: they are skipped anyway
+    answers, skipped = generate_answers(args, dist, model, processor, records, min_pixels, max_pixels, samples,
+                                        temperature, sort_key=length)
+    passes = sorted({1, samples}) if samples else []      # pass@1, and pass@K when K > 1
+    keys = ["reward", "accuracy", "format"] + [f"pass@{k}" for k in passes]
+    sums = defaultdict(lambda: dict.fromkeys(keys + ["n"], 0.0))
+    for record, text, sampled in answers:
+        score, entry = tasks.reward(text, record["answer"]), sums[record["task"]]
+        entry["reward"] += score["overall"]
+        entry["accuracy"] += score["accuracy"]
+        entry["format"] += score["format"]
+        entry["n"] += 1
+        right = sum(int(tasks.reward(response, record["answer"])["accuracy"]) for response in sampled)
+        for k in passes:
+            entry[f"pass@{k}"] += tasks.pass_at_k(samples, right, k)
     names = sorted({r["task"] for r in records})
-    totals = grpo.all_reduce([sums[t][i] for t in names for i in range(4)] + [skipped], device=dist.device)
+    fields = keys + ["n"]
+    totals = grpo.all_reduce([sums[t][key] for t in names for key in fields] + [skipped], device=dist.device)
     results = {}
     for j, task in enumerate(names):
-        reward_sum, accuracy_sum, format_sum, n = totals[4 * j:4 * j + 4]
-        results[task] = {"reward": reward_sum / max(n, 1), "accuracy": accuracy_sum / max(n, 1),
-                         "format": format_sum / max(n, 1), "n": int(n),
-                         "chance": tasks.TASKS[task].chance if task in tasks.TASKS else float("nan")}
+        figures = dict(zip(fields, totals[len(fields) * j:len(fields) * (j + 1)]))
+        n = figures.pop("n")
+        results[task] = {key: value / max(n, 1) for key, value in figures.items()}
+        results[task].update(n=int(n), chance=tasks.TASKS[task].chance if task in tasks.TASKS else float("nan"))
     n_all = sum(r["n"] for r in results.values())
     results["all"] = {key: sum(r[key] * r["n"] for r in results.values()) / max(n_all, 1)
-                      for key in ("reward", "accuracy", "format", "chance")}
+                      for key in keys + ["chance"]}
     results["all"]["n"] = n_all
+    if samples:
+        results["all"]["temperature"] = temperature
     if totals[-1]:
         print0(f"eval: skipped {int(totals[-1])} unreadable records", dist=dist)
     return results
 
 
+def shown(value):
+    """A figure with 3 decimals, or "-" where there is none (the chance of a task outside tasks.TASKS)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
 def run_evaluation(args, dist, model, processor, held_out, stage, evaluations):
-    results = evaluate(args, dist, model, processor, held_out)
+    results = evaluate(args, dist, model, processor, held_out, samples=args.eval_num_samples,
+                       temperature=args.eval_temperature)
     evaluations[stage] = results
     if dist.rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"eval-{stage}.json").write_text(json.dumps(results, indent=1))
-        print0(f"\n{stage}: accuracy {results['all']['accuracy']:.3f} (chance {results['all']['chance']:.3f}), "
-               f"format {results['all']['format']:.3f}, reward {results['all']['reward']:.3f}")
+        figures = results["all"]
+        sampled = f", pass@1 at T={args.eval_temperature:g} {figures['pass@1']:.3f}" if "pass@1" in figures else ""
+        print0(f"\n{stage}: accuracy {figures['accuracy']:.3f} (chance {shown(figures['chance'])}){sampled}, "
+               f"format {figures['format']:.3f}, reward {figures['reward']:.3f}")
     return results
 
 
 def format_table(evaluations):
-    """Markdown table of {"base": results, "sft": results, ...}: one row per task, the stages side by side."""
+    """Markdown table of {"base": results, "sft": results, ...}: one row per task, the stages side by side; greedy
+    accuracy, then the sampled pass@k where it was measured (pass@1 at T = 1 beside greedy), format and reward."""
     stages = list(evaluations)
     seen = {task for results in evaluations.values() for task in results}
     rows = [t for t in tasks.TASKS if t in seen] + sorted(seen - set(tasks.TASKS) - {"all"}) + ["all"]
-    header = ["task", "n", "chance"] + [f"{key} {stage}" for key in ("accuracy", "format", "reward") for stage in stages]
+    passes = sorted({key for results in evaluations.values() for key in results.get("all", {})
+                     if key.startswith("pass@")}, key=lambda key: int(key[5:]))
+    temperature = next((r["all"]["temperature"] for r in evaluations.values() if "temperature" in r.get("all", {})),
+                       None)
+    keys = ["accuracy"] + passes + ["format", "reward"]
+    labels = {key: f"{key} (T={temperature:g})" for key in passes}
+    labels.update({"accuracy": "accuracy (greedy)"} if passes else {})      # named apart only when both are there
+    header = ["task", "n", "chance"] + [f"{labels.get(key, key)} {stage}" for key in keys for stage in stages]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in rows:
         results = [evaluations[stage].get(task) for stage in stages]
         first = next(r for r in results if r)
-        cells = [task, str(first["n"]), f"{first['chance']:.3f}"]
-        cells += [f"{r[key]:.3f}" if r else "-" for key in ("accuracy", "format", "reward") for r in results]
+        cells = [task, str(first["n"]), shown(first["chance"])]
+        cells += [f"{r[key]:.3f}" if r and key in r else "-" for key in keys for r in results]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 @torch.no_grad()
 def evaluate_tsv(args, dist, model, processor, path):
-    """Accuracy and format rate of greedy answers on a VLMEvalKit multiple-choice TSV."""
-    share = tasks.read_tsv(path)[dist.rank::dist.world]
-    answers, skipped = generate_answers(args, dist, model, processor, share, tasks.tsv_batch, args.min_pixels,
-                                        args.max_pixels)
-    correct = sum(tasks.tsv_choice(text, record["options"]) == record["answer"] for record, text in answers)
-    formatted = sum(tasks.reward(text, record["answer"])["format"] for record, text in answers)
+    """Accuracy and format rate of greedy answers on a VLMEvalKit multiple-choice TSV: its prompt and answer
+    matching (tasks.read_mcq, tasks.score_mcq), as 3DSRBench and SpatialEval under --eval-bench."""
+    records = tasks.read_mcq(str(path))
+    answers, skipped = generate_answers(args, dist, model, processor, records, args.min_pixels, args.max_pixels)
+    correct = sum(tasks.score_mcq(text, record)[0] for record, text, _ in answers)
+    formatted = sum(tasks.reward(text, record["answer"])["format"] for record, text, _ in answers)
     correct, formatted, n, skipped = grpo.all_reduce([correct, formatted, len(answers), skipped], device=dist.device)
     return {"accuracy": correct / max(n, 1), "format": formatted / max(n, 1), "n": int(n), "skipped": int(skipped)}
 
+
+def run_benchmarks(args, dist, model, processor):
+    """--eval-bench: each benchmark read from the user's files (its official prompt), answered greedily at its
+    official pixel range (the run's for a tiny model), scored by its own rule; OUT/bench-NAME.json holds the figures
+    and every response; rank 0 prints the Table 1 row beside the paper's for this preset. Returns {name: result}."""
+    results = {}
+    for name, path in args.eval_bench.items():
+        spec = tasks.BENCHMARKS[name]
+        try:
+            records = spec.read(path, frames=args.vsi_frames) if name == "vsi-bench" else spec.read(path)
+        except (OSError, ValueError, ImportError) as error:    # tasks.BadRecord is a ValueError
+            raise UserError(f"--eval-bench {name}: {str(error).splitlines()[0]}") from None
+        pixels = (args.min_pixels, args.max_pixels) if args.tiny or spec.pixels is None else spec.pixels
+        print0(f"{name}: {len(records)} questions from {path}", dist=dist)
+        answers, skipped = generate_answers(args, dist, model, processor, records, *pixels, resize=spec.resize,
+                                            sort_key=lambda record: (len(record["images"]), len(record["problem"])))
+        entries = []
+        for record, text, _ in answers:
+            score, prediction = spec.score(text, record)
+            entries.append({"id": record["id"], "task": record["task"], "answer": record["answer"], "response": text,
+                            "prediction": prediction, "score": score,
+                            **({"qid": record["meta"]["qid"]} if record["meta"].get("qid") else {})})
+        order = {record["id"]: i for i, record in enumerate(records)}
+        entries = sorted(gather_objects(entries, dist), key=lambda entry: order[entry["id"]])
+        skipped = int(grpo.all_reduce([skipped], device=dist.device)[0])
+        results[name] = {"benchmark": name, "file": str(path), **tasks.summarize_benchmark(name, entries, records),
+                         "skipped": skipped, "pixels": list(pixels), "responses": entries}
+        if dist.rank == 0:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"bench-{name}.json").write_text(json.dumps(results[name], indent=1))
+    if dist.rank == 0 and results:
+        print0("\n" + benchmark_table(results, paper_preset(args, model)))
+        print0(f"responses and per-category figures: {Path(args.out)}/bench-<name>.json")
+    return results
+
+
+def paper_preset(args, model):
+    """The preset whose paper figures (tasks.PAPER_TABLE1) belong beside this model's: the --model preset, else
+    the architecture's family and width (a checkpoint of a preset, or --init random of one)."""
+    if args.model in tasks.PAPER_TABLE1:
+        return args.model
+    config = model.config
+    width = getattr(getattr(config, "text_config", config), "hidden_size", None)
+    return {("qwen2_5_vl", 2048): "qwen2.5-vl-3b", ("qwen2_5_vl", 3584): "qwen2.5-vl-7b",
+            ("qwen3_vl", 2560): "qwen3-vl-4b"}.get((config.model_type, width))
+
+
+def benchmark_table(results, preset=None):
+    """Table 1's layout: one column per benchmark run and their plain mean, this model's row and the paper's rows
+    for `preset` (its base and Spatial-SSRL model) on the same columns; percentages as the paper prints them."""
+    names = [name for name in tasks.BENCHMARKS if name in results]
+    index = {name: i for i, name in enumerate(tasks.BENCHMARKS)}
+    average = "Avg" if len(names) == len(tasks.BENCHMARKS) else f"Avg of {len(names)}"
+    header = ["model"] + [tasks.BENCHMARKS[name].column for name in names] + [average]
+    rows = [["this model"] + [100 * results[name]["score"] for name in names]]
+    for label, figures in tasks.PAPER_TABLE1.get(preset, {}).items():
+        rows.append([f"paper: {label}"] + [figures[index[name]] for name in names])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        mean = sum(row[1:]) / len(row[1:])
+        lines.append("| " + " | ".join([row[0]] + [f"{value:.2f}" for value in row[1:] + [mean]]) + " |")
+    extras = [f"{name}: " + ", ".join(f"{key} {100 * results[name][key]:.2f}" for key in
+                                      ("flip_eval", "circ_eval", "flip_circ_eval", "delta_1.5", "vsi_bench_overall")
+                                      if key in results[name]) for name in names]
+    notes = ["n: " + ", ".join(f"{name} {results[name]['n']}" for name in names)]
+    notes += [line for line in extras if not line.endswith(": ")]
+    skipped = [f"{name} {results[name]['skipped']}" for name in names if results[name]["skipped"]]
+    notes += [f"skipped (unreadable images): {', '.join(skipped)}"] if skipped else []
+    if preset is None:
+        notes.append("no paper figures beside it: Table 1 covers " + ", ".join(tasks.PAPER_TABLE1))
+    return "\n".join(lines + [""] + notes)
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints and metrics
 
@@ -925,11 +1135,7 @@ def save_checkpoint(args, dist, model, processor, step, stage, optimizer=None, s
     """
     out = Path(args.out)
     model_state, optimizer_state = full_state_dicts(model, optimizer)
-    rng = [rng_states()]
-    if dist.world > 1:
-        gathered = [None] * dist.world
-        torch_dist.all_gather_object(gathered, rng[0])
-        rng = gathered
+    rng = gather_objects([rng_states()], dist)     # every rank's, in rank order
     final = out / f"checkpoint-{step}"
     if dist.rank == 0:
         with tasks.written_atomically(final) as temp:
@@ -1130,10 +1336,17 @@ def prepare_data(args, dist):
             print0(f"built {summary['samples']} samples in {summary['seconds']:.0f} s")
         if dist.world > 1:
             torch_dist.barrier()
+    problems = Counter()    # rows skipped at load time; the same on every rank (each reads the same files)
     try:
-        train, held_out = tasks.load_records(root, "train"), tasks.load_records(root, "eval")
-    except (OSError, ValueError, tasks.BadRecord) as error:
+        train = tasks.load_records(root, "train", problems)
+        held_out = tasks.load_records(root, "eval", problems) if tasks.split_file(str(root), "eval") else None
+    except (OSError, ValueError, ImportError) as error:     # tasks.BadRecord is a ValueError
         raise UserError(f"cannot read the dataset in {root}: {str(error).splitlines()[0]}") from None
+    if problems:
+        print0(f"data: skipped {sum(problems.values())} rows of {root}: {reasons(problems)}", dist=dist)
+    if held_out is None:
+        train, held_out = held_out_split(args, dist, root, train)
+    check_same_data(dist, train, held_out)
     train = [r for r in train if r["task"] in args.tasks]
     held_out = [r for r in held_out if r["task"] in args.tasks]
     for split, records in (("train", train), ("eval", held_out)):
@@ -1146,6 +1359,59 @@ def prepare_data(args, dist):
             by_task[record["task"]].append(record)
         held_out = [r for records in by_task.values() for r in records[:args.eval_limit]]
     return train, held_out
+
+
+def held_out_files(args):
+    """Where a held-out split drawn before is looked for: the run folder, then the folder of the checkpoint that
+    --resume or --eval/--model names (its run folder)."""
+    folders = [Path(args.out)]
+    if args.resume and args.resume != "auto":
+        folders.append(Path(args.resume).parent)
+    if Path(args.model).is_dir():
+        folders.append(Path(args.model).parent)
+    return [folder / "held-out.json" for folder in folders]
+
+
+def held_out_split(args, dist, root, records):
+    """(train, held-out) of a dataset without an eval split (the release): --eval-per-task rows per task, seeded,
+    disjoint by source image (tasks.hold_out). The held-out ids go to OUT/held-out.json, and a later --eval or
+    --resume of the run reads them back instead of drawing anew, so every evaluation scores the same rows."""
+    saved = next((path for path in held_out_files(args) if path.is_file()), None)
+    if saved:
+        state = json.loads(saved.read_text())
+        if state.get("rows") != len(records):
+            raise UserError(f"{saved} holds a split of {state.get('rows')} rows; {root} has {len(records)} usable "
+                            "rows: remove the file (or choose another --out) to draw a new split")
+        train, held_out, dropped = tasks.hold_out(records, ids=state["ids"])
+        how = f"read from {saved}"
+    else:
+        train, held_out, dropped = tasks.hold_out(records, args.eval_per_task, args.seed)
+        state = {"data": str(root), "rows": len(records), "eval_per_task": args.eval_per_task, "seed": args.seed,
+                 "ids": [record["id"] for record in held_out]}
+        how = f"{args.eval_per_task} per task, seed {args.seed}"
+    path = Path(args.out) / "held-out.json"
+    if dist.rank == 0 and saved != path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tasks.written_atomically(path) as temp:
+            Path(temp).write_text(json.dumps(state, indent=1))
+    counts = Counter(record["task"] for record in held_out)
+    print0(f"data: {root} has no eval split: held out {len(held_out)} rows ({how}: "
+           + ", ".join(f"{task} {counts[task]}" for task in sorted(counts))
+           + f"), disjoint by source image ({dropped} training rows sharing one left out) -> {path}", dist=dist)
+    return train, held_out
+
+
+def check_same_data(dist, *splits):
+    """Every rank reads the data itself; they must hold the same records, or the strided shares and collectives
+    would silently diverge (a file present on one node only): the counts and an id checksum, min against max."""
+    if dist.world == 1:
+        return
+    digest = zlib.crc32("\n".join(record["id"] for split in splits for record in split).encode())
+    values = [float(len(split)) for split in splits] + [float(digest)]
+    low = grpo.all_reduce(values, op=torch_dist.ReduceOp.MIN, device=dist.device)
+    high = grpo.all_reduce(values, op=torch_dist.ReduceOp.MAX, device=dist.device)
+    if low != high:
+        raise UserError("the ranks read different records from --data (a file missing or different on some node?)")
 
 
 def run_pretrain(args, dist):
@@ -1188,20 +1454,26 @@ def run(args, dist):
         run_pretrain(args, dist)
         return
     resume = resolve_resume(args)
-    if args.stage == "eval" and args.eval_tsv and not has_dataset(args.data):
-        train, held_out = [], []     # only the TSV benchmarks
+    if args.stage == "eval" and (args.eval_tsv or args.eval_bench) and not has_dataset(args.data):
+        train, held_out = [], []     # only the benchmarks
     else:
         train, held_out = prepare_data(args, dist)
     state = json.loads((resume / "trainer_state.json").read_text()) if resume else None
     if resume:
         print0(f"resuming from {resume} ({state['stage']} step {state['step']})", dist=dist)
         args.model = str(resume)
+    sft_runs = args.stage in ("all", "sft") and (not state or state["stage"] == "sft")
+    sft_records = load_sft_data(args, dist, train) if sft_runs else None
     tiny_build = args.model in PRESETS and args.init == "random"
     sample = random.Random(args.seed).sample(train, min(len(train), 2000)) if tiny_build else []
+    if tiny_build and sft_records:
+        sample += random.Random(args.seed).sample(sft_records, min(len(sft_records), 500))
     model, processor, family = load_model(args, dist, corpus=tiny.tokenizer_corpus(sample, args.seed))
     sft_pixels = (args.sft_min_pixels, args.sft_max_pixels)
-    if args.stage in ("all", "sft"):
+    if args.stage in ("all", "sft") and sft_records is None:
         train = filter_records(processor, train, args.max_prompt_length, *sft_pixels, dist, "train")
+    elif args.stage in ("all", "sft"):
+        sft_records = filter_records(processor, sft_records, args.max_prompt_length, *sft_pixels, dist, "sft-data")
     held_out = filter_records(processor, held_out, args.max_prompt_length, args.min_pixels, args.max_pixels, dist, "eval")
     if args.ref_offload and dist.device.type != "cuda":
         print0("note: --ref-offload does nothing without a GPU (the reference is in host memory already)", dist=dist)
@@ -1225,11 +1497,13 @@ def run(args, dist):
     if args.stage in ("all", "sft") and not resume:
         run_evaluation(args, dist, model, processor, held_out, "base", evaluations)
     if args.stage in ("all", "sft") and (not state or state["stage"] == "sft"):
-        sft_steps = run_sft(args, dist, model, processor, train, state, resume, metrics)
+        sft_steps = run_sft(args, dist, model, processor, train if sft_records is None else sft_records, state,
+                            resume, metrics)
         run_evaluation(args, dist, model, processor, held_out, "sft", evaluations)
         state = None
     if args.stage in ("all", "grpo"):
-        if args.stage == "grpo" or (args.min_pixels, args.max_pixels) != sft_pixels:   # at the rollout resolution
+        # at the rollout resolution, unless the SFT filter already ran on the training split at the same one
+        if args.stage == "grpo" or sft_records is not None or (args.min_pixels, args.max_pixels) != sft_pixels:
             train = filter_records(processor, train, args.max_prompt_length, args.min_pixels, args.max_pixels, dist,
                                    "train")
         train_grpo(args, dist, model, processor, train, held_out, state, metrics, first_step=sft_steps)
@@ -1238,6 +1512,8 @@ def run(args, dist):
         result = evaluate_tsv(args, dist, model, processor, tsv)
         print0(f"{tsv}: accuracy {result['accuracy']:.3f} format {result['format']:.3f} "
                f"n {result['n']} skipped {result['skipped']}", dist=dist)
+    if args.eval_bench:
+        run_benchmarks(args, dist, model, processor)
     if dist.rank == 0 and evaluations:
         print0("\n" + format_table(evaluations))
         print0(f"\nwall time {time.perf_counter() - started:.0f} s; outputs in {args.out}")

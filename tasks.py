@@ -31,6 +31,7 @@ Run:
   python -m bench.tasks                                        # samples/s per task at 640x480
 """
 import argparse
+import ast
 import base64
 import contextlib
 import csv
@@ -43,6 +44,7 @@ import os
 import re
 import random
 import shutil
+import string
 import sys
 import time
 from collections import Counter
@@ -1389,70 +1391,572 @@ def load_cold_start(path, problems=None):
     return _records_of(rows, path, record, problems), wrapped
 
 # ---------------------------------------------------------------------------------------------------------------
-# Benchmarks: VLMEvalKit's multiple-choice TSV layout (vlmeval/dataset/image_mcq.py), read into task-like records
+# Benchmarks (paper section 4, Table 1): readers that turn each benchmark's own files into records, with the prompt
+# the paper's evaluation code builds (InternLM/Spatial-SSRL evaluation/: VLMEvalKit for Spatial457, 3DSRBench,
+# SpatialEval and QSpatial-plus, its own scripts for What'sUp, ViewSpatial and VSI-Bench), and pure scorers
+# response -> (score, what was read from it). A record: {"id", "task" (the benchmark's sub-category), "problem" (the
+# whole prompt, the format prompt included where the paper appends it, <image> where each image goes), "answer",
+# "images" (paths or EmbeddedImage), "meta", "format_prompt": False}. Any other VLMEvalKit multiple-choice TSV
+# (--eval-tsv) goes through the same reader and scorer as 3DSRBench and SpatialEval (`read_mcq`, `score_mcq`).
+# Our choices where the paper's runs differ (docs/benchmarks.md): decoding is greedy everywhere (the What'sUp script
+# samples at T 0.7 for the 3B model); VSI-Bench gets its frames as images (the script passes a video, which
+# Qwen2.5-VL merges two frames per temporal patch); every response is cut to its last \boxed{} before VLMEvalKit's
+# matching (its Qwen2VLChat post_process, off in the paper's config, where the whole reasoning then reaches the
+# matcher).
 
-def read_tsv(path):
-    """Rows of a VLMEvalKit multiple-choice TSV: index, question, A..D (some may be empty), answer, image.
+NA_STRINGS = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+              "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}   # what pandas' read_csv reads as missing
 
-    `image` is base64; VLMEvalKit stores a repeated image once and puts the index of its row in later ones.
-    """
+
+def _check_keys(rows, keys, path, expected):
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict) or any(k not in row for k in keys)), None)
+    if not rows or bad is not None:
+        raise BadRecord(f"{path}: expected {expected}" + (f"; row {bad} lacks one of {', '.join(keys)}"
+                                                           if rows else "; no rows"))
+
+
+def _local_image(base, path, where, also=()):
+    """A benchmark's image path: as given when absolute, else under the benchmark file's folder or its parent (the
+    evaluation scripts run from the folder above the JSON), else `also` (more paths relative to the file's folder);
+    BadRecord naming it when none exists."""
+    candidates = [path] if os.path.isabs(path) else [os.path.join(folder, path)
+                                                     for folder in (base, os.path.dirname(base))]
+    candidates += [os.path.join(base, other) for other in also]
+    found = next((candidate for candidate in candidates if os.path.isfile(candidate)), None)
+    if found is None:
+        raise BadRecord(f"{where}: image {path} not found (looked in {', '.join(candidates)})")
+    return found
+
+
+# VLMEvalKit's TSV layout (vlmeval/dataset/image_base.py, image_mcq.py): one row per question, its image(s) base64
+
+def read_tsv(path, required, expected):
+    """Rows of a VLMEvalKit TSV, each with "images": its images as EmbeddedImage. VLMEvalKit stores a repeated image
+    once and puts that row's index in the later ones; a list "['...', ...]" is several images. Each image is
+    base64-decoded once and shared by the rows that use it."""
+    _need_file(path, expected)
     csv.field_size_limit(1 << 30)
-    if not os.path.isfile(path):
-        raise BadRecord(f"TSV {path} does not exist")
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
-    missing = {"index", "question", "answer", "image", "A", "B"} - set(rows[0] if rows else ())
-    if missing:
-        raise BadRecord(f"{path} lacks the VLMEvalKit column(s) {', '.join(sorted(missing))}")
-    by_index = {row["index"]: row["image"] for row in rows}
+    missing = sorted(set(required) - set(rows[0] if rows else ()))
+    if not rows or missing:
+        found = f"no column(s) {', '.join(missing)}" if rows else "no rows"
+        raise BadRecord(f"{path}: expected {expected}; {found}")
+    by_index, decoded = {row["index"]: row["image"] for row in rows}, {}
+
+    def images(row):
+        value = row["image"]
+        if len(value) < 64 and value in by_index:
+            value = by_index[value]
+        if value not in decoded:
+            try:
+                items = ast.literal_eval(value) if value.startswith("[") else [value]
+                decoded[value] = [EmbeddedImage(base64.b64decode(item)) for item in items]
+            except (ValueError, SyntaxError, TypeError):
+                raise BadRecord(f"{path}: row {row['index']}: image is not base64") from None
+        return decoded[value]
+
     for row in rows:
-        if len(row["image"]) < 64 and row["image"] in by_index:
-            row["image"] = by_index[row["image"]]
+        row["images"] = images(row)
     return rows
 
 
-def tsv_record(row):
-    """A task-like record: the image first, the question, the lettered options, then the answer letter."""
-    options = [letter for letter in "ABCDEFGH" if (row.get(letter) or "").strip() not in ("", "nan")]
-    hint = (row.get("hint") or "").strip()
-    lines = ([f"Hint: {hint}"] if hint and hint != "nan" else []) + [row["question"].strip()]
-    lines += [f"{letter}. {row[letter].strip()}" for letter in options]
-    lines.append("Answer with the option's letter from the given choices.")
-    try:
-        image = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
-    except (ValueError, OSError) as error:
-        raise BadRecord(f"row {row['index']}: image does not decode: {error}") from None
-    return {"id": row["index"], "task": "tsv", "problem": "<image>" + "\n".join(lines),
-            "answer": row["answer"].strip(), "options": {k: row[k].strip() for k in options}}, image
+def read_mcq(path, name="multiple-choice"):
+    """Records of a VLMEvalKit multiple-choice TSV (3DSRBench.tsv, SpatialEval.tsv, any other): the prompt of
+    ImageMCQDataset.build_prompt (hint, question, lettered options, "Please select the correct answer from the
+    options above. \\n"), images first, the format prompt appended as the paper's VLMEvalKit copy does (vlm/base.py:
+    `item['value'] += reasoning_prompt`, no separator). Empty option columns are no options."""
+    records = []
+    for row in read_tsv(path, ("index", "question", "answer", "image", "A", "B"),
+                        f"VLMEvalKit's {name} TSV (index, question, A, B, ..., answer, image)"):
+        choices = {letter: row[letter] for letter in string.ascii_uppercase
+                   if (row.get(letter) or "") not in NA_STRINGS}
+        hint = row.get("hint") or ""
+        prompt = (f"Hint: {hint}\n" if hint not in NA_STRINGS else "") + f"Question: {row['question']}\n"
+        if choices:
+            prompt += "Options:\n" + "".join(f"{letter}. {text}\n" for letter, text in choices.items())
+            prompt += "Please select the correct answer from the options above. \n"
+        records.append({"id": row["index"], "task": row.get("category") or name, "answer": row["answer"].strip(),
+                        "problem": "<image>" * len(row["images"]) + prompt + FORMAT_PROMPT, "images": row["images"],
+                        "meta": {"choices": choices, "qid": row.get("qid")}, "format_prompt": False})
+    return records
 
 
-def tsv_choice(response, options):
-    """The letter a response chose: its boxed content as a letter ('B', 'B.', 'B. text') or an option's text."""
-    content = extract_boxed(response)
-    if content is None:
-        return None
-    content = content.strip()
-    match = re.match(r"^\(?([A-H])\)?(?:[.:)\s]|$)", content)
-    if match and match.group(1) in options:
-        return match.group(1)
-    for letter, text in options.items():
-        if content.lower() == text.lower():
-            return letter
-    return None
+def vlmeval_box(response):
+    """VLMEvalKit Qwen2VLChat post_process: the text inside the last \\boxed{ (braces balanced; to the end when it
+    never closes), the whole response when it has none."""
+    if "\\boxed{" not in response:
+        return response
+    content, depth = response.split("\\boxed{")[-1], 1
+    for i, character in enumerate(content):
+        depth += (character == "{") - (character == "}")
+        if depth == 0:
+            return content[:i]
+    return content
 
 
-def tsv_batch(rows):
-    """TSV rows as (records, [[image]], how many did not decode), the loader `generate_answers` takes."""
-    records, images, skipped = [], [], 0
-    for row in rows:
-        try:
-            record, image = tsv_record(row)
-        except BadRecord:
-            skipped += 1
+def can_infer(answer, choices):
+    """VLMEvalKit utils/matching_util.py can_infer: the one choice letter standing alone among the words (after
+    .()[],:;!*#{} become spaces), else the one choice whose text is in the answer (ignoring case); 'Z' for a
+    refusal or a lone Z; False when neither is unique."""
+    if "Failed to obtain answer via API" in answer:
+        return False
+    refusals = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                "I'm sorry, but without the image provided", "Cannot determine the answer")
+    if any(refusal in answer for refusal in refusals):
+        return "Z"
+    words = re.sub(r"[.()\[\],:;!*#{}]", " ", answer).split()
+    letters = [letter for letter in choices if letter in words]
+    if len(letters) == 1:
+        return letters[0]
+    if not letters and "Z" in words:
+        return "Z"
+    texts = [letter for letter, text in choices.items() if str(text).lower() in answer.lower()]
+    return texts[0] if len(texts) == 1 else False
+
+
+def score_mcq(response, record):
+    choice = can_infer(vlmeval_box(response), record["meta"]["choices"])
+    return float(choice == record["answer"]), choice or None
+
+
+def summary_3dsrbench(entries, records):
+    """VLMEvalKit _3DSRBench.evaluate: besides the plain (vanilla) accuracy, a question counts only when all of its
+    variants are right: flip_eval pairs qid with qid-flip (left-right flipped image), circ_eval groups the circular
+    option orders (qid[:8], or qid[:13] for flipped ones), flip_circ_eval both (qid[:8])."""
+    hits = {entry["qid"]: entry["score"] for entry in entries if entry.get("qid")}
+    if not hits:
+        return {}
+    keys = {"flip_eval": lambda q: q.replace("-flip", ""),
+            "circ_eval": lambda q: q[:13] if "-flip" in q else q[:8],
+            "flip_circ_eval": lambda q: q[:8]}
+    figures = {}
+    for name, key in keys.items():
+        groups = {}
+        for qid, hit in hits.items():
+            groups.setdefault(key(qid), []).append(hit)
+        kept = [all(groups[qid]) for qid in groups if qid in hits]   # a group is scored on its own qid's row
+        figures[name] = sum(kept) / max(len(kept), 1)
+    return figures
+
+
+# Spatial457: VLMEvalKit dataset/spatial457.py (its build_subtask_instruction) and utils/spatial457.py.
+_SPATIAL457_TASK = {
+    "L1_single": "identify attributes of the objects, ",
+    "L2_objects": "identify attributes of multiple objects, ",
+    "L3_2d_spatial": "identify attributes of multiple objects and their spatial relationship from 2D projected camera "
+                     "view, ",
+    "L4_occ": "identify attributes of multiple objects and their occlusion relationships, ",
+    "L4_pose": "identify attributes of multiple objects and their facing direction in 3D space from the camera view, ",
+    "L5_6d_spatial": "identify attributes of multiple objects and their spatial relationship from objects’ "
+                     "perspective in 3D space, ",
+    "L5_collision": "identify attributes of multiple objects and their potential collision given the assumption of "
+                    "moving direction in 3D space, ",
+}
+
+SPATIAL457_ATTRIBUTES = {
+    "size": ("small", "large"),
+    "shape": ("airliner", "dirtbike", "road bike", "tandem bike", "suv", "wagon", "scooter", "mountain bike",
+              "minivan", "sedan", "school bus", "fighter", "chopper", "double bus", "truck", "articulated bus",
+              "cruiser", "jet", "utility bike", "regular bus", "biplane"),
+    "color": ("gray", "blue", "purple", "brown", "green", "cyan", "red", "yellow"),
+    "direction": ("left", "right", "front", "back"),
+}
+
+# a shape word -> its super-category (SuperCLEVR's): naming a sibling sub-shape counts as right
+_SUPER_SHAPE = {word: group for group, words in {
+    "car": ("suv", "wagon", "minivan", "sedan", "truck", "addi", "car"),
+    "bus": ("articulated", "regular", "double", "school", "bus"),
+    "motorbike": ("chopper", "dirtbike", "scooter", "cruiser", "motorbike"),
+    "aeroplane": ("jet", "fighter", "biplane", "airliner", "aeroplane"),
+    "bicycle": ("road", "utility", "mountain", "tandem", "bicycle")}.items() for word in words}
+
+_NUMBER_WORDS = {word: str(i) for i, word in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
+
+
+def _spatial457_prompt(category, question):
+    opening = ("You are an intelligent chatbot designed to answer questions based on an image. Your task is to "
+               f"analyze the images, {_SPATIAL457_TASK.get(category, '')}and then determine the answer to the "
+               "question.\n") if category in _SPATIAL457_TASK else ""
+    options = ", ".join(", ".join(word.capitalize() for word in words) for words in SPATIAL457_ATTRIBUTES.values())
+    closing = (
+        "First, you should identify the related objects refered in the questions, including their shape, color, size; "
+        "then add a brief reasoning process about the questions. Each object in the image has a shape (e.g., "
+        "'airliner'), a size (only can be 'small' or 'large'), a color (e.g. 'blue'). The size of the object is "
+        "either 'small' or 'large'. The color of the object is one of the following: 'gray', 'blue', 'purple', "
+        "'brown', 'green', 'cyan', 'red', 'yellow'. The direction of the object is one of the following: 'left', "
+        "'right', 'front', 'back'.\n\nSecond, give the answer based on the reasoning process. The answer should only "
+        f"be (1) a phrase chosen from the following options: {options}, or (2) an integer [0-10] when asked for 'How "
+        "many' or 'What is the number of', or (3) 'Yes' or 'No' when asked for 'Is there'. If you think there are no "
+        "possible answers or the question is not clear, choose the best answer that fits the question.\n\n")
+    # every text part gets the format prompt (the paper's VLMEvalKit vlm/base.py appends it to each text item)
+    return opening + FORMAT_PROMPT + "<image>" + question + FORMAT_PROMPT + closing + FORMAT_PROMPT
+
+
+def read_spatial457(path):
+    records = []
+    for row in read_tsv(path, ("index", "question", "answer", "category", "image"),
+                        "VLMEvalKit's Spatial457 TSV (index, question, answer, category, image)"):
+        records.append({"id": row["index"], "task": row["category"], "answer": row["answer"],
+                        "problem": _spatial457_prompt(row["category"], row["question"]).replace(
+                            "<image>", "<image>" * len(row["images"])),
+                        "images": row["images"], "meta": {}, "format_prompt": False})
+    return records
+
+
+def spatial457_correct(answer, predict):
+    """VLMEvalKit Spatial457_utils.is_correct: equal ignoring case; "none" reads as "no", "0" as "No", number words
+    as digits, any digit 1-9 as "yes"; or both first words are shapes of one super-category."""
+    predict, answer = str(predict), str(answer)
+    if predict.lower() == "none":
+        predict = "no"
+    if predict.lower() == answer.lower() or (predict == "0" and answer == "No"):
+        return True
+    if _NUMBER_WORDS.get(predict.lower()) == answer or (answer.lower() == "yes" and predict in tuple("123456789")):
+        return True
+    first, truth = predict.lower().split(" ")[0], answer.lower().split(" ")[0]
+    return first in _SUPER_SHAPE and truth in _SUPER_SHAPE and _SUPER_SHAPE[first] == _SUPER_SHAPE[truth]
+
+
+def score_spatial457(response, record):
+    """The `Answer` field of a JSON object in the (boxed) response ('Answer': '...', "Answer": "...", 'Answer': N),
+    else the whole of it (the paper's VLMEvalKit copy runs ROBUST = True)."""
+    text = vlmeval_box(response)
+    found = (re.search(r"Answer': '(.*?)'", text) or re.search(r'Answer": "(.*?)"', text)
+             or re.search(r"Answer': (\d)", text))
+    predict = found.group(1) if found else text
+    return float(spatial457_correct(record["answer"], predict)), predict
+
+
+QSPATIAL_SYSTEM = (   # Q-Spatial-Bench-code prompt_templates/system_prompt.txt, as VLMEvalKit's QSpatial sends it
+    "You will be provided with a question and a 2D image. The question involves measuring the precise distance in "
+    "3D space through a 2D image. You will answer the question by providing a numeric answer consisting of a scalar "
+    "and a distance unit in the format of \"\"\"\\scalar{scalar} \\distance_unit{distance unit}\"\"\" at the end of "
+    "your response.")
+
+# prompt_templates/spatial_prompt_single.txt, verbatim ("thinkg" included): the paper sends no format prompt here
+QSPATIAL_QUESTION = ("Question: {question}\nLet's thinkg step by step and start by finding good reference objects or "
+                     "object parts in the image.")
+
+_CENTIMETRES = {**dict.fromkeys(("meters", "meter", "m", "metre", "metres"), 100.0),
+                **dict.fromkeys(("centimeters", "centimeter", "cm"), 1.0),
+                **dict.fromkeys(("feet", "foot", "ft"), 30.48), **dict.fromkeys(("inch", "inches", "in"), 2.54),
+                "mm": 0.1}
+
+
+def centimetres_per(unit):
+    """VLMEvalKit QSpatial.get_multiplier: 0 for a unit it does not know (which makes the answer wrong)."""
+    return _CENTIMETRES.get(str(unit).lower().strip(), 0.0)
+
+
+def read_qspatial(path):
+    """Q-Spatial-Bench's QSpatial_plus split (Hugging Face andrewliao11/Q-Spatial-Bench: question, answer_value,
+    answer_unit, question_type, image as {"bytes", "path"}, image_path) as parquet, JSON or JSON lines; rows of
+    QSpatial_scannet in the same file are left out (VLMEvalKit keeps one split)."""
+    expected = "Q-Spatial-Bench QSpatial_plus rows (question, answer_value, answer_unit, image)"
+    rows = _rows(path, expected)
+    _check_keys(rows, ("question", "answer_value", "answer_unit"), path, expected)
+    base, records = os.path.dirname(os.path.abspath(path)), []
+    for number, row in enumerate(rows):
+        if "scannet" in str(row.get("image_path") or "").lower():
             continue
-        records.append(record)
-        images.append([image])
-    return records, images, skipped
+        image = row.get("image")
+        if isinstance(image, dict) and image.get("bytes"):
+            images = [EmbeddedImage(image["bytes"])]
+        else:
+            name = (image.get("path") if isinstance(image, dict) else image) or row.get("image_path")
+            images = [_local_image(base, str(name), f"{path}: row {number}")]
+        question = QSPATIAL_QUESTION.format(question=row["question"])
+        records.append({"id": str(number), "task": row.get("question_type") or "qspatial",
+                        "answer": f"{row['answer_value']} {row['answer_unit']}",
+                        "problem": "<image>" + QSPATIAL_SYSTEM + "\n" + question, "images": images,
+                        "meta": {"centimetres": float(row["answer_value"]) * centimetres_per(row["answer_unit"])},
+                        "format_prompt": False})
+    return records
+
+
+def qspatial_centimetres(response):
+    """The answer of a response in centimetres, as the paper's VLMEvalKit copy parses it (QSpatial.parse_prediction),
+    or None where it fails (the official then scores 1e-8 cm). The last \\scalar{...} gives the mean of its numbers
+    (a range "2-3" is 2.5); the unit is the last \\distance_unit{...}, else the last unit{...}, else the last {...}
+    (when that is a number, the letters after the response's last backslash). A \\boxed{} is read as a scalar: the
+    copy rewrites "\\boxed{3 m}" as "\\scalar{3} m" (a '}' before the first space after it, the response's last '}'
+    dropped)."""
+    text = response
+    if "boxed{" in text:
+        text = text.replace("boxed{", "scalar{")
+        space = text.find(" ", text.find("scalar{"))
+        if space != -1:
+            text = text[:space] + "}" + text[space:]
+        last = text.rfind("}")
+        if last != -1:
+            text = text[:last] + text[last + 1:]
+    scalars = re.findall(r"scalar{([^}]*)}", text)
+    numbers = re.findall(r"\d+\.?\d*", scalars[-1]) if scalars else []
+    units = (re.findall(r"distance_unit{([^}]*)}", text) or re.findall(r"unit{([^}]*)}", text)
+             or re.findall(r"\{([^}]*)\}", text))
+    if not numbers or not units:
+        return None
+    unit = units[-1]
+    try:
+        float(unit)
+        unit = re.match(r"[a-zA-Z]*", text.rsplit("\\", 1)[-1] if "\\" in text else "").group(0)
+    except ValueError:
+        pass
+    return sum(map(float, numbers)) / len(numbers) * centimetres_per(unit)
+
+
+def qspatial_ratio(response, record):
+    """max(pred / truth, truth / pred) with VLMEvalKit's 1e-8 cm added to both (an unparsed answer is 1e-8)."""
+    predicted = (qspatial_centimetres(response) or 0.0) + 1e-8
+    truth = record["meta"]["centimetres"] + 1e-8
+    return max(predicted / truth, truth / predicted)
+
+
+def score_qspatial(response, record):
+    """delta_2 (Q-Spatial-Bench's success rate, Table 1): right when the answer is within a factor 2 of the truth."""
+    centimetres = qspatial_centimetres(response)
+    return float(qspatial_ratio(response, record) < 2.0), None if centimetres is None else f"{centimetres:.4g} cm"
+
+
+def summary_qspatial(entries, records):
+    by_id = {record["id"]: record for record in records}
+    close = [qspatial_ratio(entry["response"], by_id[entry["id"]]) < 1.5 for entry in entries]
+    return {"delta_1.5": sum(close) / max(len(close), 1)}
+
+
+def _last_box_plain(response):
+    """The evaluation scripts' extract(): the last \\boxed{...} by the regex \\\\boxed\\{([^}]*)\\} (no nesting);
+    '' when there is none."""
+    found = re.findall(r"\\boxed\{([^}]*)\}", response)
+    return found[-1] if found else ""
+
+
+WHATSUP_PROMPT = "Based on the image, choose the correct option from the list below."
+
+
+def read_whatsup(path):
+    """What'sUp Controlled_Images_A (whatsup_vlms: controlled_images_dataset.json, a list of {image_path,
+    caption_options}, the true caption first) with the prompt of evaluation/whatsup_eval/main.py --CoT: the images'
+    options as "A: caption" lines after the format prompt, no separator. The answer is always A (the script's
+    correct_pred for Controlled_Images_A)."""
+    expected = "What'sUp controlled_images_dataset.json (a list of image_path, caption_options)"
+    rows = _rows(path, expected)
+    _check_keys(rows, ("image_path", "caption_options"), path, expected)
+    base, records = os.path.dirname(os.path.abspath(path)), []
+    for number, row in enumerate(rows):
+        name = os.path.basename(row["image_path"])
+        relation = next((word for word in ("left_of", "right_of", "_on_", "under") if word in name), "other")
+        image = _whatsup_image(base, row["image_path"], f"{path}: row {number}")
+        options = "\n".join(f"{'ABCD'[i]}: {caption}" for i, caption in enumerate(row["caption_options"][:4]))
+        records.append({"id": str(number), "task": relation.strip("_"), "answer": "A",
+                        "problem": "<image>" + WHATSUP_PROMPT + FORMAT_PROMPT + options, "images": [image],
+                        "meta": {}, "format_prompt": False})
+    return records
+
+
+def _whatsup_image(base, path, where):
+    """The script's paths are data/controlled_images/NAME relative to its folder: also found beside the JSON."""
+    return _local_image(base, path, where, also=[os.path.join("controlled_images", os.path.basename(path))])
+
+
+def score_whatsup(response, record):
+    """evaluation/whatsup_eval/main.py evaluate_scores: right when the letter A appears anywhere in the last box,
+    as the script tests it (`"A" in answer`: "B: A mug ..." counts too, through its article)."""
+    box = _last_box_plain(response)
+    return float(record["answer"] in box), box
+
+
+VIEWSPATIAL_PROMPT = "\nThe final answer should be the option letter from the given choices.\n"
+
+
+def read_viewspatial(path):
+    """ViewSpatial-Bench.json (a list of question_type, image_path [list], question, answer "A. right", choices) with
+    the prompt of evaluation/ViewSpatial_eval/main.py --CoT: question, choices, the option-letter sentence, the
+    format prompt; images first. Image paths are relative to the folder above eval/ (ViewSpatial-Bench/...)."""
+    expected = "ViewSpatial-Bench.json (a list of question_type, image_path, question, answer, choices)"
+    rows = _rows(path, expected)
+    _check_keys(rows, ("image_path", "question", "answer", "choices"), path, expected)
+    base, records = os.path.dirname(os.path.abspath(path)), []
+    for number, row in enumerate(rows):
+        names = row["image_path"] if isinstance(row["image_path"], list) else [row["image_path"]]
+        images = [_local_image(base, name, f"{path}: row {number}") for name in names]
+        records.append({"id": str(number), "task": row.get("question_type") or "viewspatial", "answer": row["answer"],
+                        "problem": "<image>" * len(images) + row["question"] + "\n" + row["choices"]
+                        + VIEWSPATIAL_PROMPT + FORMAT_PROMPT, "images": images, "meta": {}, "format_prompt": False})
+    return records
+
+
+def _letter(text):
+    found = re.search(r"\b([A-D])\b", text or "", re.IGNORECASE)
+    return found.group(1).upper() if found else None
+
+
+def score_viewspatial(response, record):
+    """main.py extract_pred: the first standalone letter A-D (any case) of the last box, against the answer's."""
+    predicted = _letter(_last_box_plain(response))
+    return float(predicted is not None and predicted == _letter(record["answer"])), predicted
+
+
+VSI_OPENING = "Watch the given video and anser the following question.\n\n"   # vsi_infer.py fix_prompt, verbatim
+VSI_NUMBER = "\nThe final answer should be a number(integer or decimal).\n"
+VSI_LETTER = "\nThe final answer should be the option letter from the given choices.\n"
+
+
+def _natural(name):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def vsi_frames(folder, count):
+    """`count` frames of a folder of extracted frames, uniformly spaced as vsi_infer.py samples a video
+    (linspace(0, total - 1, count) rounded; all of them when there are fewer)."""
+    names = sorted((name for name in os.listdir(folder) if name.lower().endswith(IMAGE_EXTENSIONS)), key=_natural)
+    if len(names) > count:
+        names = [names[round(i * (len(names) - 1) / (count - 1))] if count > 1 else names[0] for i in range(count)]
+    return [os.path.join(folder, name) for name in names]
+
+
+def read_vsibench(path, frames=128):
+    """VSI-Bench questions, either the paper's evaluation/VSI-bench_eval/VSIBench/vsi_bench.json (mp4_path,
+    question_type, question, answer, A-D) or Hugging Face nyu-visionx/VSI-Bench rows (dataset, scene_name,
+    question_type, question, options, ground_truth) as JSON, JSON lines or parquet. A video is a folder of frames
+    the user extracted, beside the question file: DATASET/SCENE/ (e.g. arkitscenes/41069025/*.jpg) or SCENE/;
+    `frames` of them are used (the paper: 128). The prompt is vsi_infer.py's fix_prompt with --cot true, verbatim:
+    its options follow the question with no separator, each after its letter again ("A. A. left")."""
+    expected = "VSI-Bench questions (vsi_bench.json: mp4_path, question_type, question, answer, A-D)"
+    rows = _rows(path, expected)
+    _check_keys(rows, ("question_type", "question"), path, expected)
+    base, records, missing = os.path.dirname(os.path.abspath(path)), [], []
+    for number, row in enumerate(rows):
+        if "mp4_path" in row:
+            scene, dataset = (os.path.splitext(os.path.basename(row["mp4_path"]))[0],
+                              os.path.basename(os.path.dirname(row["mp4_path"])))
+            options, answer = [row.get(letter) for letter in "ABCD"], row.get("answer")
+        else:
+            scene, dataset = str(row.get("scene_name")), str(row.get("dataset"))
+            options, answer = list(row.get("options") or []), row.get("ground_truth")
+        options = [option for option in options if option is not None]
+        if answer is None:
+            raise BadRecord(f"{path}: row {number} has no answer (answer or ground_truth); expected {expected}")
+        folder = next((os.path.join(base, *parts) for parts in ((dataset, scene), (scene,))
+                       if os.path.isdir(os.path.join(base, *parts))), None)
+        images = vsi_frames(folder, frames) if folder else []
+        if not images:
+            missing.append(os.path.join(base, dataset, scene))
+            continue
+        prompt = VSI_OPENING + row["question"] + "".join(f"{'ABCD'[i]}. {option}" for i, option in enumerate(options))
+        prompt += (VSI_LETTER if options else VSI_NUMBER) + FORMAT_PROMPT
+        records.append({"id": str(number), "task": row["question_type"], "answer": str(answer),
+                        "problem": "<image>" * len(images) + prompt, "images": images,
+                        "meta": {"choice": bool(options)}, "format_prompt": False})
+    if missing:
+        raise BadRecord(f"{path}: no frames for {len(missing)} of {len(rows)} questions, e.g. {missing[0]}/ (extract "
+                        "each video's frames into DATASET/SCENE/ beside the question file)")
+    return records
+
+
+def mean_relative_accuracy(predicted, truth):
+    """VSI-Bench's MRA as evaluation/VSI-bench_eval/check_accuracy.py computes it: the share of the thresholds
+    0.50, 0.55, ..., 0.95 with |pred - truth| / truth < 1 - threshold; 0 when either is not a number. Computed in
+    decimal, so the edges are exact: 5% off counts for 0.50-0.90, not 0.95 (the script's floats count it there
+    too, since 1 - 0.95 = 0.050000000000000044)."""
+    import decimal
+    try:
+        predicted, truth = decimal.Decimal(str(predicted).strip()), decimal.Decimal(str(truth).strip())
+        error = abs(predicted - truth) / truth
+        return sum(error < 1 - (decimal.Decimal("0.50") + decimal.Decimal("0.05") * i) for i in range(10)) / 10
+    except (decimal.InvalidOperation, ZeroDivisionError):
+        return 0.0
+
+
+def score_vsibench(response, record):
+    """check_accuracy.py: the last box; a single letter is compared with the answer ignoring case, anything else
+    scores its mean relative accuracy against the answer (0 for a letter answer)."""
+    predicted = _last_box_plain(response)
+    if len(predicted) == 1 and predicted.isalpha():
+        return float(predicted.lower() == record["answer"].lower()), predicted
+    return mean_relative_accuracy(predicted, record["answer"]), predicted
+
+
+def summary_vsibench(entries, records):
+    """VSI-Bench's own overall (thinking-in-space lmms_eval vsibench_aggregate_results): the mean over question
+    types, the three relative-direction ones merged into one; Table 1 reports the mean over questions."""
+    by_task = {}
+    for entry in entries:
+        by_task.setdefault(entry["task"], []).append(entry["score"])
+    means = {task: sum(scores) / len(scores) for task, scores in by_task.items()}
+    directions = [means.pop(task) for task in list(means) if task.startswith("object_rel_direction")]
+    if directions:
+        means["object_rel_direction"] = sum(directions) / 3   # as lmms_eval: a missing one counts 0
+    return {"vsi_bench_overall": sum(means.values()) / max(len(means), 1)}
+
+
+
+
+@dataclass
+class Benchmark:
+    """One of Table 1's benchmarks: its column, what the user passes, reader and scorer, extra figures, and the
+    per-image pixel range its official evaluation used (None: the run's --min-pixels/--max-pixels)."""
+    column: str
+    expected: str
+    read: object        # path -> records
+    score: object       # (response, record) -> (score, what was read from the response)
+    summary: object = None   # (entries, records) -> {figure: value}, the benchmark's own figures beside the score
+    pixels: tuple = None
+    resize: tuple = None          # (width, height) every image is resized to first, as the official script does
+
+
+VLMEVAL_PIXELS = (1280 * 28 * 28, 16384 * 28 * 28)    # the paper's VLMEvalKit config for Qwen2.5-VL-3B/7B, SSRL-7B
+BENCHMARKS = {     # Table 1's order
+    "spatial457": Benchmark("S457", "VLMEvalKit Spatial457.tsv", read_spatial457, score_spatial457,
+                            pixels=VLMEVAL_PIXELS),
+    "3dsrbench": Benchmark("3DSR", "VLMEvalKit 3DSRBench.tsv", lambda path: read_mcq(path, "3DSRBench"),
+                           score_mcq, summary=summary_3dsrbench, pixels=VLMEVAL_PIXELS),
+    "spatialeval": Benchmark("SpEval", "VLMEvalKit SpatialEval.tsv", lambda path: read_mcq(path, "SpatialEval"),
+                             score_mcq, pixels=VLMEVAL_PIXELS),
+    "qspatial-plus": Benchmark("QSp+", "Q-Spatial-Bench QSpatial_plus (parquet or JSON)", read_qspatial,
+                               score_qspatial, summary=summary_qspatial, pixels=VLMEVAL_PIXELS),
+    # whatsup_eval/main.py: max_pixels 512*28*28 (qwen-vl-utils' min 4*28*28)
+    "whatsup": Benchmark("WhatsUp", "whatsup_vlms controlled_images_dataset.json", read_whatsup, score_whatsup,
+                         pixels=(4 * 28 * 28, 512 * 28 * 28)),
+    # ViewSpatial_eval/main.py resizes every image to 420 x 280 for Qwen2.5-VL (resized_width/height)
+    "viewspatial": Benchmark("ViewSp", "ViewSpatial-Bench.json", read_viewspatial, score_viewspatial,
+                             resize=(420, 280)),
+    # frames as images: at most 128 x 28 x 28 pixels each (qwen-vl-utils' floor for a video frame)
+    "vsi-bench": Benchmark("VSI", "VSI-Bench vsi_bench.json + frame folders", read_vsibench, score_vsibench,
+                           summary=summary_vsibench, pixels=(4 * 28 * 28, 128 * 28 * 28)),
+}
+
+# Table 1 (Qwen2.5-VL, no-reasoning base) and Table 9 (Qwen3-VL-4B) of the paper, per preset, in BENCHMARKS' order
+PAPER_TABLE1 = {
+    "qwen2.5-vl-3b": {"Qwen2.5-VL-3B": (33.70, 50.30, 54.65, 33.66, 85.85, 35.38, 27.84),
+                      "Spatial-SSRL-3B": (46.07, 51.72, 59.59, 39.60, 86.71, 36.62, 33.49)},
+    "qwen2.5-vl-7b": {"Qwen2.5-VL-7B": (44.67, 53.39, 62.37, 46.53, 86.95, 36.83, 38.08),
+                      "Spatial-SSRL-7B": (53.34, 56.53, 64.03, 54.46, 90.61, 37.81, 39.29)},
+    "qwen3-vl-4b": {"Qwen3-VL-4B": (53.43, 56.46, 63.04, 63.37, 98.78, 39.09, 46.82),
+                    "Spatial-SSRL-4B": (57.12, 59.48, 72.38, 59.41, 97.44, 42.07, 42.13)},
+}
+
+
+def summarize_benchmark(name, entries, records):
+    """Score (the mean of the entries' scores: Table 1's figure), n, the mean per sub-category, and the benchmark's
+    own extra figures."""
+    by_task = {}
+    for entry in entries:
+        by_task.setdefault(entry["task"], []).append(entry["score"])
+    result = {"score": sum(e["score"] for e in entries) / max(len(entries), 1), "n": len(entries),
+              "tasks": {task: sum(scores) / len(scores) for task, scores in sorted(by_task.items())}}
+    if BENCHMARKS[name].summary is not None:
+        result.update(BENCHMARKS[name].summary(entries, records))
+    return result
+
+
+def pass_at_k(n, c, k):
+    """The unbiased pass@k of n samples with c right (Chen et al. 2021, arXiv 2107.03374): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset builder. Each sample is a pure function of (seed, split, task, index, attempt), so the output is the same

@@ -41,13 +41,15 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 128 * 128    # 112-px images: 12-16 visual tok
 # A 2M-parameter model pre-trained for perception only must train its vision tower (far from done), needs a learning
 # rate ~100x the recipe's, and a CPU affords a few thousand SFT examples: optimizer steps matter more than examples
 # (batch 16; the format is learnt within ~100 steps). SFT lr 1e-3 keeps what the base sees (docs/tiny-model.md,
-# section 3). 200 held-out prompts per task: a standard error <= 0.035 on an accuracy, ~15 s to evaluate.
+# section 3). 200 held-out prompts per task: a standard error <= 0.035 on an accuracy, ~15 s to evaluate. 8 frames per
+# VSI-Bench video (the paper's 128 at 16 tokens each would fill twice the 1,024-token prompts a tiny model trains on).
 TINY_DEFAULTS = dict(
     data="data/tiny", per_task=1200, eval_per_task=200, max_side=112,
     sft_learning_rate=1e-3, sft_num_train_epochs=1, sft_data_fraction=1.0, sft_global_batch_size=16,
     sft_micro_batch_size=16, sft_weight_decay=0.0, freeze_vision_tower=False, freeze_multi_modal_projector=False,
     sft_min_pixels=MIN_PIXELS, sft_max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
     max_prompt_length=1024, max_response_length=128, eval_batch_size=64, save_steps=200, gradient_checkpointing=False,
+    vsi_frames=8,
 )
 
 # GRPO: lr 1e-4, 100x the recipe's (higher rates lost what the cold start taught: docs/tiny-model.md, section 4),
@@ -105,13 +107,16 @@ def train_tokenizer(texts, family, vocab_size=1024):
 
 
 def tokenizer_corpus(records, seed=0):
-    """Texts the tiny tokenizer is trained on: the prompts and cold-start answers of the given records."""
+    """Texts the tiny tokenizer is trained on: the prompts and cold-start answers of the given records (a cold-start
+    file's written answer, else three the program writes from the record's meta; a release row has neither)."""
     rng = random.Random(seed)
     texts = [tasks.FORMAT_PROMPT, "You are a helpful assistant.", "\\boxed{A} \\boxed{B} \\boxed{C} \\boxed{D}"]
     for record in records:
         texts.append(record["problem"])
-        for _ in range(3):
-            texts.append(tasks.cold_start_response(record, rng))
+        if record.get("response"):
+            texts.append(record["response"])
+        elif record.get("meta"):
+            texts += [tasks.cold_start_response(record, rng) for _ in range(3)]
     return texts
 
 

@@ -173,9 +173,11 @@ def test_tsv_eval_of_a_model_that_always_answers_A(tmp_path, monkeypatch):
     result = ssrl.evaluate_tsv(args, dist, model, processor, tmp_path / "bench.tsv")
     assert result == {"accuracy": 4 / 7, "format": 1.0, "n": 7, "skipped": 0}
     assert seen == [3, 3, 1]
-    assert tasks.tsv_choice("<think></think>\\boxed{Front}", {"A": "Left", "C": "Front"}) == "C"
-    assert tasks.tsv_choice("\\boxed{(B)}", {"A": "x", "B": "y"}) == "B"
-    assert tasks.tsv_choice("no box", {"A": "x"}) is None
+    # VLMEvalKit's matching (tasks.can_infer) on the last box: a letter, an option's text
+    record = {"meta": {"choices": {"A": "Left", "C": "Front"}}, "answer": "C"}
+    assert tasks.score_mcq("<think></think>\\boxed{Front}", record) == (1.0, "C")
+    assert tasks.score_mcq("\\boxed{(C)}", record) == (1.0, "C")
+    assert tasks.score_mcq("\\boxed{A or C}", record) == (0.0, None)
 
 
 def test_tiny_presets_have_their_own_defaults_and_user_flags_win():
