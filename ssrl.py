@@ -69,7 +69,7 @@ PRESETS = {  # name -> (family, hub id); the tiny ones are built from a config i
 # KV cache (--rollout-engine hf, one call of that many prompts) stays within ~12-14 GB of an 80 GB GPU: a 5-image crop
 # prompt is ~2,000 tokens at 512 px and responses run to 2,048, so 5 x 4,096 tokens x grpo.kv_bytes_per_token per
 # prompt: 3B 0.76 GB -> 16 prompts, 7B 1.17 GB -> 12, Qwen3-VL-4B 3.02 GB -> 4. The rollout engine holds each prompt
-# once (grpo.rollout_kv_tokens: 1.5 x 2,000 + 5 x 2,048 per prompt, 0.64 of that), so the same sizes leave it room
+# once (grpo.rollout_kv_tokens: 1.5 x 2,000 + 5 x 2,048 per prompt, 0.65 of that), so the same sizes leave it room
 # (`python -m bench.memory` adds up everything else a GPU holds meanwhile).
 PRESET_DEFAULTS = {
     "qwen2.5-vl-3b": dict(rollout_micro_batch_size=16),
@@ -151,7 +151,8 @@ def build_parser():
     add("--max-pixels", type=int, default=2048 * 2048, help="max_pixels for GRPO rollouts and evaluation")
     add("--max-prompt-length", type=int, default=4096, help="prompts longer than this are dropped (counted), never cut")
     add("--max-response-length", type=int, default=2048, help="max new tokens when generating")
-    add("--eval-batch-size", type=int, default=16, help="prompts per generate call per rank")
+    add("--eval-batch-size", type=int, default=16, help="prompts per generate call per rank (the engine: prompts "
+        "in flight, ENGINE_EVAL_BATCHES batches a call)")
     add("--eval-limit", type=int, default=None, help="evaluate at most this many held-out samples per task")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute each layer's activations in backward: one 4k-token crop sequence on 7B holds ~42 GB without")
@@ -907,7 +908,7 @@ def call_batches(records, size):
 def generate_answers(args, dist, model, processor, records, min_pixels, max_pixels, samples=0, temperature=1.0,
                      resize=None, sort_key=None):
     """This rank's strided share of `records` answered on the model gathered once: greedily, and with `samples`
-    K > 0 also K responses each at `temperature`, a record's drawn from its own seed "--seed:record id"
+    K > 0 also K responses each at `temperature`, a record's K drawn from its own seed "--seed:record id"
     (grpo.generate_completions), so that a seed gives the same samples whatever the batching, the number of ranks or
     the engine, and the greedy answers and the global RNG are the same as without them.
 
