@@ -346,8 +346,8 @@ def main():
     generation_rows = []
     if not args.no_generation:
         engines = (args.rollout_engine or "ssrl,hf").split(",")
-        if args.compile_decode and "ssrl+graph" not in engines:
-            engines.insert(1, "ssrl+graph")
+        if args.compile_decode and "ssrl+graph" not in engines:   # after the eager engine, whose tokens it compares
+            engines.insert(engines.index("ssrl") + 1 if "ssrl" in engines else len(engines), "ssrl+graph")
         generation_rows = generation_table(args, dist, engines)
         if args.generation:
             if args.json:
