@@ -3,8 +3,10 @@ Not here: the tasks, data and reward (tasks.py); models, flags, the SFT and GRPO
 (ssrl.py, which imports this file; this file never imports it).
 
 One call of `grpo_step` does one step for this rank's prompts (a batch from `encode_prompts`):
-  1. n responses per prompt (`generate_completions`), a micro-batch of prompts per generate call (bucketed by
-     length); each prompt's images and prefill run once and its KV cache is copied n times (`shared_prompt`)
+  1. n responses per prompt (`generate_completions`) on the rollout engine (`engine_generate`): each prompt
+     prefilled once (its images included) and held once in a KV cache allocated once, its n samples decoding
+     against it; a sample that ends frees its slot for the next prompt at once. `rollout_engine="hf"`: transformers'
+     `generate`, a micro-batch of prompts per call, each prompt's prefill run once and its KV cache copied n times
   2. each decoded (skip_special_tokens) and scored with `tasks.reward`: 0.9 accuracy + 0.1 format
   3. group advantages  A_i = (r_i - mean_g r) / (std_g r + 1e-6), unbiased std; a group of equal rewards gets 0
   4. log-probs of the responses under the policy before the update (old) and the frozen reference, no grad
@@ -23,9 +25,10 @@ examples/spatial-ssrl_qwen*.sh, verl/trainer/core_algos.py, verl/workers/actor/d
   k3 ("low_var_kl") KL to the reference, weight 0.01, in the loss [config.yaml; core_algos.py kl_penalty]
   loss = token mean over the global mini-batch                   [dp_actor.py, loss_avg_mode "token"]
   grad clip 1.0; AdamW lr 1e-6 constant, wd 0.01 (the caller owns optimizer and schedule)
-Departures from EasyR1: one engine (HF generate, no vLLM) samples and scores, so old log-probs only differ from the
-sampler's by numerics; mini-batches are whole prompts' groups (no `_balance_batch` reordering); vision tokens
-(<|image_pad|> etc.) are never sampled, since a later forward would take a sampled one for an image slot.
+Departures from EasyR1: one model (the stock transformers one, no vLLM) samples and scores, so old log-probs only
+differ from the sampler's by numerics; mini-batches are whole prompts' groups (no `_balance_batch` reordering);
+vision tokens (<|image_pad|> etc.) are never sampled, since a later forward would take a sampled one for an image
+slot.
 
 Shared prompts (Prefix Grouper, arXiv 2506.05433, here for multimodal M-RoPE models): a Spatial-SSRL prompt is long
 (1-5 images, >= 334 visual tokens each at 512 px) and its answers short, so each group is one packed row
@@ -48,6 +51,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kernels import fused_logprobs
 from tasks import BadRecord, extract_boxed, make_prompt, reward as task_reward
@@ -70,7 +76,9 @@ class GRPOConfig:
     dual_clip: float = 3.0            # EasyR1 clip_ratio_dual
     kl_coef: float = 0.01             # k3 KL weight in the loss (TRL beta); 0 skips the reference pass
     updates_per_step: int = 2         # rollout 256 prompts / update 128 prompts
-    rollout_micro_batch_size: int = 8  # prompts (each with its n responses) per generate call
+    rollout_engine: str = "ssrl"      # "ssrl" (engine_generate) or "hf" (transformers' generate, the reference)
+    rollout_micro_batch_size: int = 8  # prompts in flight, n slots each (hf: prompts per generate call)
+    compile_decode: bool = False      # the engine's decode step replayed as a captured CUDA graph (CUDA only)
     max_tokens_per_micro_batch: int = 16384  # padded tokens per forward in the log-prob and update passes
     shared_prompt: bool = True        # each group as one packed row [prompt, r_1..r_n]; False: a row per response
     max_grad_norm: float = 1.0
@@ -218,7 +226,7 @@ def _model_inputs(batch):
                                         "image_grid_thw") if key in batch}
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Rollouts: the policy gathered once, n responses per prompt
+# Rollouts: the policy gathered once, n responses per prompt, sampled the same way on either engine
 
 def fsdp_method(model, name):
     """`model.<name>` of a sharded model, registered once as an FSDP forward method. FSDP2 gathers the root's own
@@ -274,27 +282,125 @@ class Rollouts:
     n: int
 
 
+def _kv_shape(config):
+    """(layers, kv heads, head dim) of the language model's KV cache."""
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, text.num_key_value_heads, head_dim
+
+
 def kv_bytes_per_token(config, bytes_per_value=2):
     """Bytes of KV cache one token takes in the language model: K and V x layers x kv heads x head dim x bf16.
     qwen2.5-vl-3b 36 x 2 x 128: 36.9 KB; qwen2.5-vl-7b 28 x 4 x 128: 57.3 KB; qwen3-vl-4b 36 x 8 x 128: 147.5 KB."""
-    text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * bytes_per_value
+    layers, kv_heads, head_dim = _kv_shape(config)
+    return 2 * layers * kv_heads * head_dim * bytes_per_value
 
 
-def _sampling_kwargs(model, max_new_tokens, temperature, top_p, eos_ids, pad_token_id):
-    """Every sampling knob passed explicitly: unset ones would come from the checkpoint's generation_config (Qwen's:
-    top_k 1, repetition_penalty 1.05) or transformers' top_k 50. temperature 0 decodes greedily."""
-    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0)
-                if temperature > 0 else dict(do_sample=False))
-    # a sampled <|image_pad|> would be taken for an image slot by every later forward ("Image features and image
-    # tokens do not match"); an untrained policy does sample it, so the vision tokens are never generated
-    vision_ids = [getattr(model.config, name, None) for name in
-                  ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")]
-    return dict(**sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, num_return_sequences=1,
-                min_new_tokens=0, suppress_tokens=[token for token in vision_ids if token is not None],
-                max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_token_id, use_cache=True,
+def vision_token_ids(model):
+    """Ids that are never sampled: a sampled <|image_pad|> would be taken for an image slot by every later forward
+    ("Image features and image tokens do not match"), and an untrained policy does sample it."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [token for token in (getattr(model.config, name, None) for name in names) if token is not None]
+
+
+def prompt_uniforms(seeds, n, max_new_tokens, device):
+    """The uniforms in [0, 1) that sampling inverts, [len(seeds) * n, T] fp64: row i * n + j is sample j of prompt
+    i, and its token t takes column t. Each prompt's n x T come from its own generator, seeded by 63 bits of
+    Python's Random(seeds[i]) (an int or a string; Random hashes a string the same in every process, where hash()
+    is salted), so a sample depends on its prompt's seed only: not on the slot, step, call, rank or engine that
+    decodes it, nor on what else is in flight."""
+    return torch.cat([torch.rand((n, max_new_tokens), dtype=torch.float64, device=device,
+                                 generator=torch.Generator(device).manual_seed(random.Random(seed).getrandbits(63)))
+                      for seed in seeds])                                                     # [k*n, T]
+
+
+def sample_tokens(logits, temperature, top_p, suppress, uniforms):
+    """One token per row of logits [S, V] and its log-prob [S] under the policy at `temperature` (before the vision
+    tokens are suppressed and before top-p: what the training passes recompute). temperature 0: the argmax.
+
+    Otherwise the warpers of transformers' sampling in its order (suppress, temperature, top-p: the smallest set of
+    most likely tokens holding top_p of the mass, as TopPLogitsWarper keeps it), then the inverse of the cumulative
+    distribution at a uniform u per row (`uniforms` [S], from prompt_uniforms): the first token whose cumulative
+    mass exceeds u x total, which is token i with probability p_i exactly. The cumulative sums run in fp64, so a
+    token's share is off by ~1e-16, not fp32's ~1e-7 x V."""
+    logits = logits.float()                                                                  # [S, V]
+    scaled = logits / temperature if temperature > 0 else logits                              # [S, V]
+    logprobs = torch.log_softmax(scaled, -1)                                                  # [S, V]
+    allowed = scaled.index_fill(1, suppress, -math.inf)                                       # [S, V]
+    if temperature <= 0:
+        tokens = allowed.argmax(-1)                                                           # [S]
+    else:
+        probs = torch.softmax(allowed, -1)                                                    # [S, V]
+        order = None
+        if top_p < 1:
+            probs, order = probs.sort(-1, descending=True)                                    # [S, V]
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)                 # [S, V]
+        cumulative = probs.double().cumsum(-1)                                                # [S, V]
+        total = cumulative[:, -1]                                                             # [S]
+        # u x total < total, so the chosen token has p > 0 (its cumulative mass exceeds its predecessor's)
+        target = torch.minimum(uniforms.double() * total, torch.nextafter(total, torch.zeros_like(total)))  # [S]
+        tokens = torch.searchsorted(cumulative, target[:, None], right=True)[:, 0]            # [S]
+        if order is not None:
+            tokens = order.gather(1, tokens[:, None])[:, 0]                                   # [S]
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id,
+                         micro_batch_size=None, shared_prompt=True, seeds=None, engine="ssrl", compile_decode=False,
+                         max_prefill_tokens=16384):
+    """n responses per prompt -> completion_ids [B*n, R] right-padded with pad_token_id, completion_mask [B*n, R]
+    (1 up to and including the first EOS), truncated [B*n] (no EOS within max_new_tokens).
+
+    engine "ssrl" (`engine_generate`): `micro_batch_size` prompts in flight, n slots each, refilled as samples end,
+    each prompt held once in the KV cache, prefills of at most `max_prefill_tokens` padded tokens. engine "hf"
+    (transformers' `generate`, the reference): `micro_batch_size` prompts per call, longest first, so that each
+    call pads to similar lengths (with `shared_prompt`, one prefill per prompt whose cache is copied n times).
+    Either way the KV cache and the prefill's activations are bounded by the micro-batch, not the batch (None: all
+    prompts at once). A sharded model is gathered once for the whole call (or by the caller's `gathered`).
+
+    Sampling (temperature > 0) is the same on both engines: sample j of prompt i inverts the uniforms of its
+    prompt's own generator (prompt_uniforms, seeded by seeds[i]; a seed per prompt drawn from torch's global
+    generator when `seeds` is None) through sample_tokens. A seed then gives the same samples whichever prompts
+    share the call, whichever rank or engine decodes them, up to the logits' last bits."""
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if temperature > 0 and seeds is None:
+        seeds = torch.randint(0, 2 ** 62, (batch["input_ids"].shape[0],)).tolist()
+    if engine == "ssrl":
+        out = engine_generate(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, pad_token_id,
+                              micro_batch_size, seeds, max_prefill_tokens, compile_decode)
+        return out.completion_ids, out.completion_mask, out.truncated
+    if engine != "hf":
+        raise ValueError(f"unknown rollout engine {engine!r} (ssrl or hf)")
+    return _generate_hf(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, pad_token_id,
+                        micro_batch_size, shared_prompt, seeds)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers' generate (--rollout-engine hf): the reference the rollout engine is tested against
+
+def _sampling_kwargs(model, max_new_tokens, eos_ids, pad_token_id):
+    """Every knob passed explicitly: unset ones would come from the checkpoint's generation_config (Qwen's: top_k 1,
+    repetition_penalty 1.05) or transformers' top_k 50. Greedy: a sampled token is drawn by SeededSampler, which
+    leaves generate's argmax nothing else to pick."""
+    return dict(do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, num_return_sequences=1,
+                min_new_tokens=0, suppress_tokens=vision_token_ids(model), max_new_tokens=max_new_tokens,
+                eos_token_id=eos_ids, pad_token_id=pad_token_id, use_cache=True,
                 synced_gpus=False)   # gathered once (`gathered`): decoding makes no collective call
+
+
+class SeededSampler:
+    """sample_tokens as a transformers logits processor: row r of a generate call takes column t of `uniforms`
+    [rows, T] (prompt_uniforms of the call's prompts) at its t-th new token, as the engine's slot does. The scores
+    returned are 0 at the drawn token and -inf elsewhere, so that generate's greedy pick takes it."""
+
+    def __init__(self, uniforms, temperature, top_p, suppress):
+        self.uniforms, self.temperature, self.top_p, self.suppress = uniforms, temperature, top_p, suppress
+        self.step = 0
+
+    def __call__(self, input_ids, scores):
+        tokens, _ = sample_tokens(scores, self.temperature, self.top_p, self.suppress, self.uniforms[:, self.step])
+        self.step += 1                                    # generate calls its processors once per new token
+        return torch.full_like(scores, -math.inf).scatter_(1, tokens[:, None], 0.0)
 
 
 def _sample(model, prompts, n, shared, kwargs):
@@ -319,56 +425,21 @@ def _sample(model, prompts, n, shared, kwargs):
     return model.generate(**repeated, cache=cache, **kwargs)[:, prompt_len:]
 
 
-class SeededSampler:
-    """A transformers logits processor that samples each row from its own generator, seeded by a string: the row's
-    tokens then depend on its seed and its own logits, whatever else shares the batch (up to the last bits of
-    the logits, which the batch's padding can move). Softmax at `temperature`, nucleus `top_p`, then the inverse
-    CDF at the row's next uniform draw; the scores returned are 0 at the drawn token and -inf elsewhere, so that
-    generate's greedy pick takes it."""
-
-    def __init__(self, seeds, temperature, top_p=1.0):
-        self.seeds = [random.Random(seed).getrandbits(63) for seed in seeds]
-        self.temperature, self.top_p, self.generators = temperature, top_p, None
-
-    def __call__(self, input_ids, scores):
-        if self.generators is None:
-            self.generators = [torch.Generator(scores.device).manual_seed(seed) for seed in self.seeds]
-        probs = torch.softmax(scores.float() / self.temperature, -1)                          # [rows, V]
-        if self.top_p < 1.0:
-            ordered, order = probs.sort(-1, descending=True)
-            outside = ordered.cumsum(-1) - ordered > self.top_p                               # [rows, V]
-            probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
-        draws = torch.stack([torch.rand((), generator=g, device=scores.device) for g in self.generators])  # [rows]
-        cumulative = probs.cumsum(-1)                                                         # [rows, V]
-        tokens = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None], right=True)   # [rows, 1]
-        tokens = tokens.clamp(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter(-1, tokens, 0.0)
-
-
-@torch.no_grad()
-def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id,
-                         micro_batch_size=None, shared_prompt=True, seeds=None):
-    """n responses per prompt -> completion_ids [B*n, R] right-padded with pad_token_id, completion_mask [B*n, R]
-    (1 up to and including the first EOS), truncated [B*n] (no EOS within max_new_tokens).
-
-    Prompts go `micro_batch_size` at a time (with their n responses), longest first, so that each call pads to
-    similar lengths: the KV cache and the prefill's activations are bounded by the micro-batch, not the batch.
-    A sharded model is gathered once for the whole call (or by the caller's `gathered`).
-    `seeds` (one per prompt; evaluation): response j of prompt i is drawn by its own generator seeded by
-    (seeds[i], j) (`SeededSampler`), so it does not depend on which prompts share the batch or the rank, and the
-    global RNG is not touched."""
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    seeded = seeds is not None and temperature > 0
-    kwargs = _sampling_kwargs(model, max_new_tokens, 0.0 if seeded else temperature, top_p, eos_ids, pad_token_id)
+def _generate_hf(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, pad_token_id, micro_batch_size,
+                 shared_prompt, seeds):
+    """generate_completions on transformers' generate, `micro_batch_size` prompts per call, longest first."""
+    kwargs = _sampling_kwargs(model, max_new_tokens, eos_ids, pad_token_id)
+    device = batch["input_ids"].device
+    suppress = torch.tensor(vision_token_ids(model), dtype=torch.long, device=device)
     lengths = batch["attention_mask"].sum(1).cpu()                                            # [B]
     order = torch.argsort(lengths, descending=True, stable=True)                              # [B]
     pieces = []
     with gathered(model):
         for chunk in order.split(micro_batch_size or len(order)):
             prompts = _trim_left_padding(select_samples(batch, chunk))
-            if seeded:
-                row_seeds = [f"{seeds[p]}:{j}" for p in chunk.tolist() for j in range(n)]
-                kwargs["logits_processor"] = [SeededSampler(row_seeds, temperature, top_p)]
+            if temperature > 0:
+                uniforms = prompt_uniforms([seeds[p] for p in chunk.tolist()], n, max_new_tokens, device)
+                kwargs["logits_processor"] = [SeededSampler(uniforms, temperature, top_p, suppress)]
             ids = _sample(model, prompts, n, shared_prompt, kwargs)                           # [b*n, r]
             # mask per call, before padding to a common width: the pad id may be an EOS id (Qwen's <|endoftext|>)
             is_eos = torch.isin(ids, torch.tensor(eos_ids, device=ids.device))                # [b*n, r]
@@ -376,7 +447,6 @@ def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eo
             rows = (chunk[:, None] * n + torch.arange(n)).reshape(-1)                         # [b*n]
             pieces.append((rows, ids.masked_fill(after_eos, pad_token_id), (~after_eos).long(), ~is_eos.any(1)))
     width = max(ids.shape[1] for _, ids, _, _ in pieces)
-    device = batch["input_ids"].device
     completion_ids = torch.full((len(order) * n, width), pad_token_id, dtype=torch.long, device=device)
     completion_mask = torch.zeros_like(completion_ids)
     truncated = torch.zeros(len(order) * n, dtype=torch.bool, device=device)
@@ -386,6 +456,376 @@ def generate_completions(model, batch, n, max_new_tokens, temperature, top_p, eo
         completion_mask[rows, :ids.shape[1]] = mask
         truncated[rows] = cut
     return completion_ids, completion_mask, truncated
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollout engine: each prompt once in the KV cache, a finished sample's slot refilled at once
+#
+# The shape of karpathy/nanochat nanochat/engine.py (a KV cache allocated once, a loop feeding one token per row) and
+# pytorch-labs/gpt-fast generate.py (a static cache, an optionally captured decode step), with images, M-RoPE and a
+# prompt shared by its n samples. The stock model runs every pass: the prefill is its ordinary forward; a decode
+# step is its forward on one token per slot with explicit positions and a `rollout` keyword, which transformers
+# hands to the attention function registered below under ROLLOUT_ATTENTION.
+
+ROLLOUT_ATTENTION = "ssrl_rollout"
+
+
+def _attention_part(query, keys, values, bias):
+    """softmax(q k^T + bias) v and the log-sum-exp of the scores. query [..., q, d] (already scaled), keys/values
+    [..., k, d], bias 0 where a key is visible and -inf where not. lse = m + log sum exp(s - m) with m the row's
+    largest score (a row that sees no key: lse -inf and an output of zeros, not 0/0): the exponentials are taken once
+    and serve both the output and the log-sum-exp."""
+    scores = query @ keys.transpose(-1, -2)                                                   # [..., q, k]
+    scores += bias
+    peak = scores.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)                              # [..., q, 1]
+    weights = scores.sub_(peak).exp_()                                                        # [..., q, k]
+    total = weights.sum(-1, keepdim=True)                                                     # [..., q, 1]
+    out = (weights @ values).div_(total.clamp_min(torch.finfo(total.dtype).tiny))            # [..., q, d]
+    return out, peak + total.log()
+
+
+class RolloutKV:
+    """A rollout's keys and values, allocated once. Per layer:
+        prompt_keys / prompt_values  [rows, kv heads, P, d]   one row per prompt, held once for its n samples
+        slot_keys / slot_values      [slots, kv heads, T, d]  the response so far of the sample in each slot
+    Row 0 stays empty: free slots point at it. Tokens held: rows x P + slots x T (rollout_kv_tokens), against
+    slots x (P + T) when every sample has its own copy of its prompt (`generate`).
+
+    Attention of a slot's new token (query q) over its prompt's keys K_p and its own keys K_s (up to itself) is one
+    softmax over [K_p | K_s], computed as two parts merged by their log-sum-exps:
+        out = exp(lse_p - lse) out_p + exp(lse_s - lse) out_s,   lse = log(exp(lse_p) + exp(lse_s))
+    which is exact (the same sums, grouped): against fp64 it is off by as much as one fp32 softmax over the
+    concatenation is (6e-6 and 3e-6 on outputs of size ~2, 300 + 60 keys). The prompt part runs once per prompt row
+    with that prompt's n samples as n queries (n x kv-group queries per kv head), so a prompt's keys are read once
+    per step, not n times: the memory-bound part of decoding shrinks n-fold along with the cache (a gather of
+    [K_p | K_s] per slot would read and copy the prompt n times). Scores, softmax and sums run in fp32 whatever the
+    cache's dtype.
+
+    The engine sets, per step: each slot's prompt row, its sample index in the group (0..n-1) and its response
+    length so far (where this step's token goes); each row's prompt length; and `bounds` (slots, rows, P, T) that
+    limit the work to what is in use (eager) or cover the whole cache (a captured step, whose shapes are fixed)."""
+
+    def __init__(self, config, rows, prompt_capacity, slots, response_capacity, n, dtype, device):
+        layers, kv_heads, head_dim = _kv_shape(config)
+
+        def store(count, length):   # zeros, not empty: stale entries are read with weight 0, and 0 x NaN is NaN
+            return [torch.zeros(count, kv_heads, length, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.prompt_keys, self.prompt_values = store(rows, prompt_capacity), store(rows, prompt_capacity)
+        self.slot_keys, self.slot_values = store(slots, response_capacity), store(slots, response_capacity)
+        self.n = n
+        self.slot_row = torch.zeros(slots, dtype=torch.long, device=device)                   # [S]
+        self.slot_sample = torch.zeros(slots, dtype=torch.long, device=device)                # [S]
+        self.slot_length = torch.zeros(slots, dtype=torch.long, device=device)                # [S]
+        self.row_length = torch.zeros(rows, dtype=torch.long, device=device)                  # [R]
+        self.capacity = (slots, rows, prompt_capacity, response_capacity)
+        self.bounds = self.capacity
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size()
+                   for t in self.prompt_keys + self.prompt_values + self.slot_keys + self.slot_values)
+
+    def attend(self, layer, query, key, value, scaling):
+        """query [S, H, 1, d], key/value [S, kv heads, 1, d] of this step's token (after RoPE) -> [S, 1, H, d]."""
+        slots, rows, prompt_length, response_length = self.bounds
+        device, n = query.device, self.n
+        slot_keys, slot_values = self.slot_keys[layer], self.slot_values[layer]
+        at = (torch.arange(slots, device=device), slice(None), self.slot_length[:slots])
+        slot_keys[at], slot_values[at] = key[:, :, 0], value[:, :, 0]     # this token into its slot, no concatenation
+        kv_heads, head_dim = slot_keys.shape[1], slot_keys.shape[3]
+        group = query.shape[1] // kv_heads            # query heads per kv head: head h reads kv head h // group
+        query = query.float().view(slots, kv_heads, group, head_dim) * scaling                  # [S, Hkv, g, d]
+        row, sample = self.slot_row[:slots], self.slot_sample[:slots]                           # [S]
+        # the prompt part: each row's samples as one block of n x g queries per kv head (free slots all land on
+        # row 0, sample 0: the empty row, whose output is never read)
+        grouped = query.new_zeros(rows, n, kv_heads, group, head_dim)                          # [R, n, Hkv, g, d]
+        grouped[row, sample] = query
+        grouped = grouped.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, n * group, head_dim)  # [R, Hkv, n*g, d]
+        if layer == 0:   # the same visibility for every layer of a step: additive biases (0 or -inf), made once
+            hidden = torch.arange(prompt_length, device=device) >= self.row_length[:rows, None]                # [R, P]
+            self.prompt_bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, -math.inf)[:, None, None]
+            hidden = torch.arange(response_length, device=device) > self.slot_length[:slots, None]             # [S, T]
+            self.own_bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, -math.inf)[:, None, None]
+        prompt_out, prompt_lse = _attention_part(
+            grouped, self.prompt_keys[layer][:rows, :, :prompt_length].float(),
+            self.prompt_values[layer][:rows, :, :prompt_length].float(), self.prompt_bias)  # [R, Hkv, n*g, d|1]
+        def per_slot(tensor):                                                                   # -> [S, Hkv, g, d|1]
+            return tensor.view(rows, kv_heads, n, group, -1).permute(0, 2, 1, 3, 4)[row, sample]
+        prompt_out, prompt_lse = per_slot(prompt_out), per_slot(prompt_lse)
+        # the slot's own part: its response up to and including this token
+        own_out, own_lse = _attention_part(query, slot_keys[:slots, :, :response_length].float(),
+                                           slot_values[:slots, :, :response_length].float(),
+                                           self.own_bias)                                       # [S, Hkv, g, d|1]
+        lse = torch.logaddexp(prompt_lse, own_lse)                                              # [S, Hkv, g, 1]
+        out = prompt_out * torch.exp(prompt_lse - lse) + own_out * torch.exp(own_lse - lse)     # [S, Hkv, g, d]
+        return out.reshape(slots, 1, kv_heads * group, head_dim).to(key.dtype)                  # [S, 1, H, d]
+
+
+def rollout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, rollout=None, **kwargs):
+    """The attention function the engine registers: a decode step (`rollout`, a RolloutKV) attends through it; any
+    other forward while it is set (the prefill) takes the stock SDPA path with the stock mask."""
+    if rollout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    return rollout.attend(module.layer_idx, query, key, value, scaling), None
+
+
+AttentionInterface.register(ROLLOUT_ATTENTION, rollout_attention)
+AttentionMaskInterface.register(ROLLOUT_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def rollout_attention_set(model):
+    """The language model's attention switched to ROLLOUT_ATTENTION for the rollout (the vision tower keeps its
+    own), then back."""
+    previous = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation({"text_config": ROLLOUT_ATTENTION})
+    try:
+        yield
+    finally:
+        model.set_attn_implementation({"text_config": previous})
+
+
+def _prefill(model, batch, chosen):
+    """The prompts `chosen` (batch indices), their images through the vision tower and their tokens through the
+    language model once, on the stock path: (logits of each last prompt token [k, V], the DynamicCache, each prompt's
+    length [k] and the M-RoPE position of its first response token [k]). Positions are the prompt's own 3-D M-RoPE
+    positions (as `pack` computes them); a response continues from the prompt's largest position + 1 on all three
+    axes (text after images), as `generate` and the log-prob passes place it."""
+    prompts = _trim_left_padding(select_samples(batch, torch.tensor(chosen)))
+    mask = prompts["attention_mask"].bool()                                                  # [k, P]
+    positions, _ = model.model.get_rope_index(prompts["input_ids"], prompts["mm_token_type_ids"],
+                                              image_grid_thw=prompts.get("image_grid_thw"),
+                                              attention_mask=prompts["attention_mask"])       # [3, k, P]
+    out = model(**_model_inputs(prompts), position_ids=positions, use_cache=True, logits_to_keep=1)
+    next_position = positions.masked_fill(~mask[None], 0).amax((0, 2)) + 1                   # [k]
+    return out.logits[:, -1], out.cache, mask.sum(1), next_position
+
+
+def _decode_step(model, kv, tokens, positions):
+    """Logits [S, V] after feeding one token per slot (tokens [S]) at its M-RoPE position (positions [S], the same
+    on the three axes)."""
+    position_ids = positions.view(1, -1, 1).expand(3, -1, 1)                                 # [3, S, 1]
+    return model(input_ids=tokens[:, None], position_ids=position_ids, use_cache=False, rollout=kv).logits[:, -1]
+
+
+def _captured_step(model, kv, tokens, positions):
+    """The decode step over the whole cache recorded once as a CUDA graph: replaying it costs one launch where the
+    eager step makes ~800 (gpt-fast generate.py compiles its decode step with mode="reduce-overhead" for the same
+    reason). `tokens`, `positions` and kv's per-slot tensors are its inputs, updated in place; returns (graph, its
+    logits [S, V], rewritten by each replay)."""
+    kv.bounds = kv.capacity
+    stream = torch.cuda.Stream(tokens.device)
+    stream.wait_stream(torch.cuda.current_stream(tokens.device))
+    with torch.cuda.stream(stream):   # warm-up (cuBLAS workspaces, allocator); it writes what the first replay writes
+        for _ in range(2):
+            _decode_step(model, kv, tokens, positions)
+    torch.cuda.current_stream(tokens.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = _decode_step(model, kv, tokens, positions)
+    return graph, logits
+
+
+def engine_rows(prompts_in_flight, n):
+    """Prompt rows the engine keeps for `prompts_in_flight` groups of n samples, beside the empty row 0. With n > 1,
+    half as many again: a group keeps its row until its last sample ends, and the spare rows let its finished
+    samples' slots serve new prompts meanwhile (with one row per prompt in flight a prompt could only start when a
+    whole group had ended, and a group's early finishers would idle until its longest did: the per-call tail again,
+    per group). P per spare row is small beside a group's n x T at the recipe's lengths (~800-2,000 against
+    5 x 2,048)."""
+    return prompts_in_flight if n == 1 else prompts_in_flight + -(-prompts_in_flight // 2)
+
+
+def rollout_kv_tokens(prompts, prompt_tokens, n, max_new_tokens, engine="ssrl"):
+    """Tokens of KV cache a rollout holds with `prompts` prompts in flight (hf: per generate call) of up to
+    `prompt_tokens`, n samples of up to `max_new_tokens` each: the engine's rows (the empty one included) and slots
+    (RolloutKV), or `generate`'s n x (P + T) per prompt. Times kv_bytes_per_token: bytes."""
+    if engine == "hf":
+        return prompts * n * (prompt_tokens + max_new_tokens)
+    return (1 + engine_rows(prompts, n)) * prompt_tokens + prompts * n * max_new_tokens
+
+
+def rollout_prompts_for_memory(model, prompt_tokens, n, max_new_tokens, device, engine="ssrl", fraction=0.5):
+    """The most prompts in flight (hf: per generate call) whose KV cache (rollout_kv_tokens) fits `fraction` of the
+    device's free memory, counting what the caching allocator holds unused as free; the rest is for the prefill's
+    activations (the vision tower over the admitted prompts' images, the MLP over their tokens) and the logits.
+    Bytes per value from the parameters' dtype: fp32 master weights count a bf16 cache twice, on the safe side.
+    None off CUDA. No flag sizes the rollout by it yet (the presets keep their fixed sizes)."""
+    if device.type != "cuda":
+        return None
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    per_token = kv_bytes_per_token(model.config, torch.finfo(next(model.parameters()).dtype).bits // 8)
+    prompts = 1
+    while rollout_kv_tokens(prompts + 1, prompt_tokens, n, max_new_tokens, engine) * per_token <= free * fraction:
+        prompts += 1
+    return prompts
+
+
+@dataclasses.dataclass
+class EngineOutput:
+    completion_ids: torch.Tensor       # [B*n, R] right-padded with the pad id
+    completion_mask: torch.Tensor      # [B*n, R] 1 up to and including the first EOS
+    truncated: torch.Tensor            # [B*n] no EOS within max_new_tokens
+    logprobs: torch.Tensor             # [B*n, R] log pi(token) as the sampler computed it (0 at padding)
+    kv_bytes: int                      # the KV cache allocated for the rollout
+    slots: int
+    steps: int                         # decode steps
+    prefills: int                      # prefill forwards
+
+
+@torch.no_grad()
+def engine_generate(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, pad_token_id,
+                    prompts_in_flight=None, seeds=None, max_prefill_tokens=16384, compile_decode=False):
+    """n samples of each prompt of `batch` (ssrl.encode_prompts), decoded as one stream over n x prompts_in_flight
+    slots (all prompts when None): a sample that ends frees its slot at once, and the next prompts (longest first)
+    are prefilled into the free slots in groups of n, as many at a time as fit max_prefill_tokens padded tokens.
+    A rollout takes about (its tokens / slots) steps plus one tail, where calls of `generate` each wait for their
+    longest sample.
+
+    Sampling (temperature > 0; sample_tokens): token t of sample j of prompt i inverts uniform [j, t] of
+    prompt_uniforms(seeds[i]) (`seeds`, one per prompt, required then; generate_completions draws them when its
+    caller has none), so a sample depends on its prompt's seed only, as on the hf path. With seeds from (run seed,
+    step, the prompt's global index) one rank or several draw the same rollouts.
+
+    compile_decode (CUDA): the decode step runs as a captured CUDA graph over the whole cache. A sharded model is
+    gathered once for the whole rollout (`gathered`)."""
+    with gathered(model), rollout_attention_set(model):
+        return _engine_loop(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, pad_token_id,
+                            prompts_in_flight, seeds, max_prefill_tokens, compile_decode)
+
+
+def _engine_loop(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, pad_token_id, prompts_in_flight,
+                 seeds, max_prefill_tokens, compile_decode):
+    device = batch["input_ids"].device
+    if compile_decode and device.type != "cuda":
+        raise ValueError("compile_decode captures a CUDA graph: it needs the model on a GPU")
+    prompts = batch["input_ids"].shape[0]
+    eos = torch.tensor(eos_ids, device=device)
+    suppress = torch.tensor(vision_token_ids(model), dtype=torch.long, device=device)
+    prompt_lengths = batch["attention_mask"].sum(1).tolist()
+    queue = sorted(range(prompts), key=lambda i: -prompt_lengths[i])[::-1]   # popped from the end: longest first
+    sampled = temperature > 0
+    if sampled and seeds is None:
+        raise ValueError("sampling on the engine needs a seed per prompt (generate_completions draws them)")
+    in_flight = min(prompts_in_flight or prompts, prompts)
+    slots = in_flight * n
+    rows = 1 + min(prompts, engine_rows(in_flight, n))          # row 0: the free slots' empty row
+    dummy = prompts * n                           # the output row that free slots write to, dropped at the end
+    completion_ids = torch.full((prompts * n + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((prompts * n + 1, max_new_tokens), dtype=torch.float32, device=device)
+    lengths, truncated = [0] * (prompts * n), [False] * (prompts * n)
+    # per slot, on the device: the token to feed, its prompt's first response position, its output row, its uniforms
+    last_token = torch.full((slots,), pad_token_id, dtype=torch.long, device=device)        # [S]
+    first_position = torch.zeros(slots, dtype=torch.long, device=device)                    # [S]
+    output_row = torch.full((slots,), dummy, dtype=torch.long, device=device)               # [S]
+    uniforms = torch.zeros((slots, max_new_tokens), dtype=torch.float64, device=device) if sampled else None
+    # the same on the host: slot -> (row, tokens sampled so far, output row); free slots and rows, lowest first
+    slot_row, slot_tokens, slot_output = [0] * slots, [0] * slots, [dummy] * slots
+    row_live, row_length = [0] * rows, [0] * rows
+    free_slots, free_rows, active = list(range(slots)), list(range(1, rows)), set()
+    kv, graph, steps, prefills = None, None, 0, 0
+    positions = torch.zeros(slots, dtype=torch.long, device=device)                         # [S]
+
+    def finish(finished):
+        """Free the slots of samples that ended: (slot, ended with EOS) pairs."""
+        for slot, ended in finished:
+            output = slot_output[slot]
+            lengths[output], truncated[output] = slot_tokens[slot], not ended
+            row_live[slot_row[slot]] -= 1
+            if row_live[slot_row[slot]] == 0:
+                free_rows.append(slot_row[slot])
+                row_length[slot_row[slot]] = 0
+            active.discard(slot)
+            free_slots.append(slot)
+            slot_row[slot], slot_tokens[slot], slot_output[slot] = 0, 0, dummy
+        if finished:
+            free_slots.sort()
+            free_rows.sort()
+            index = torch.tensor([slot for slot, _ in finished], device=device)
+            for tensor, value in ((kv.slot_row, 0), (kv.slot_sample, 0), (kv.slot_length, 0), (output_row, dummy)):
+                tensor[index] = value
+            kv.row_length.copy_(torch.tensor(row_length, device=device))
+
+    def admit():
+        nonlocal kv, prefills
+        while queue and len(free_slots) >= n and free_rows:
+            count, widest = 1, prompt_lengths[queue[-1]]
+            while (count < min(len(queue), len(free_slots) // n, len(free_rows))
+                   and (count + 1) * widest <= max_prefill_tokens):
+                count += 1
+            chosen = [queue.pop() for _ in range(count)]
+            logits, cache, chosen_lengths, next_position = _prefill(model, batch, chosen)
+            prefills += 1
+            if kv is None:
+                kv = RolloutKV(model.config, rows, max(prompt_lengths), slots, max_new_tokens, n,
+                               cache.layers[0].keys.dtype, device)
+            chosen_rows = [free_rows.pop(0) for _ in chosen]
+            new_slots = [free_slots.pop(0) for _ in range(count * n)]
+            for i, (prompt, row) in enumerate(zip(chosen, chosen_rows)):
+                length = int(chosen_lengths[i])
+                for layer, cached in enumerate(cache.layers):   # left-padded: the prompt is the last `length` columns
+                    kv.prompt_keys[layer][row, :, :length] = cached.keys[i, :, cached.keys.shape[2] - length:]
+                    kv.prompt_values[layer][row, :, :length] = cached.values[i, :, cached.values.shape[2] - length:]
+                row_live[row], row_length[row] = n, length
+                for j in range(n):
+                    slot = new_slots[i * n + j]
+                    slot_row[slot], slot_tokens[slot], slot_output[slot] = row, 1, prompt * n + j
+                    active.add(slot)
+            del cache
+            index = torch.tensor(new_slots, device=device)                                    # [k*n]
+            outputs = torch.tensor([slot_output[slot] for slot in new_slots], device=device)  # [k*n]
+            kv.slot_row[index] = torch.tensor(chosen_rows, device=device).repeat_interleave(n)
+            kv.slot_sample[index] = torch.arange(n, device=device).repeat(count)
+            kv.slot_length[index] = 0
+            kv.row_length.copy_(torch.tensor(row_length, device=device))
+            first_position[index] = next_position.to(device).repeat_interleave(n)
+            output_row[index] = outputs
+            first_uniforms = None
+            if sampled:
+                uniforms[index] = prompt_uniforms([seeds[prompt] for prompt in chosen], n, max_new_tokens, device)
+                first_uniforms = uniforms[index, 0]
+            tokens, token_logprobs = sample_tokens(logits.repeat_interleave(n, 0), temperature, top_p, suppress,
+                                                   first_uniforms)                            # [k*n]
+            completion_ids[outputs, 0], logprobs[outputs, 0] = tokens, token_logprobs
+            last_token[index] = tokens
+            ended = torch.isin(tokens, eos).tolist()
+            finish([(slot, end) for slot, end in zip(new_slots, ended) if end or max_new_tokens == 1])
+
+    admit()
+    while active:
+        if compile_decode:
+            bound = slots
+            if graph is None:
+                positions.copy_(first_position + kv.slot_length)
+                graph, graph_logits = _captured_step(model, kv, last_token, positions)
+            positions.copy_(first_position + kv.slot_length)
+            graph.replay()
+            logits = graph_logits
+        else:
+            bound = max(active) + 1
+            used_rows = {slot_row[slot] for slot in active}
+            kv.bounds = (bound, max(used_rows) + 1, max(row_length[row] for row in used_rows),
+                         max(slot_tokens[slot] for slot in active))
+            logits = _decode_step(model, kv, last_token[:bound], first_position[:bound] + kv.slot_length[:bound])
+        steps += 1
+        live = torch.zeros(bound, dtype=torch.bool, device=device)                          # [s]
+        live[torch.tensor(sorted(active), device=device)] = True
+        position = kv.slot_length[:bound] + 1                     # index of the token sampled now, in its response
+        at = position.clamp(max=max_new_tokens - 1)                                          # [s]
+        step_uniforms = uniforms[torch.arange(bound, device=device), at] if sampled else None
+        tokens, token_logprobs = sample_tokens(logits[:bound], temperature, top_p, suppress, step_uniforms)
+        completion_ids[output_row[:bound], at], logprobs[output_row[:bound], at] = tokens, token_logprobs
+        last_token[:bound] = torch.where(live, tokens, last_token[:bound])
+        kv.slot_length[:bound] += live
+        state = torch.stack([torch.isin(tokens, eos), position == max_new_tokens - 1]).tolist()  # one host sync
+        for slot in active:
+            slot_tokens[slot] += 1
+        finish([(slot, state[0][slot]) for slot in sorted(active) if state[0][slot] or state[1][slot]])
+        admit()
+    width = max(lengths)
+    completion_mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long().to(device)
+    return EngineOutput(completion_ids[:dummy, :width], completion_mask, torch.tensor(truncated, device=device),
+                        logprobs[:dummy, :width] * completion_mask, kv.nbytes(), slots, steps, prefills)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Packed passes: what a log-prob pass feeds the model, and where each response token's log-prob comes from
@@ -621,9 +1061,10 @@ def update_policy(policy, optimizer, rollouts, old_logp, ref_logp, advantages, c
 # ---------------------------------------------------------------------------------------------------------------------
 # One step
 
-def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cfg):
-    """One GRPO step on this rank's prompts (a batch from `encode_prompts`; answers and task names per prompt).
-    Returns (metrics over all ranks, this rank's rollout records); writes nothing."""
+def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cfg, seeds=None):
+    """One GRPO step on this rank's prompts (a batch from `encode_prompts`; answers and task names per prompt;
+    `seeds`, one per prompt, seed its samples: generate_completions). Returns (metrics over all ranks, this rank's
+    rollout records); writes nothing."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)                   # a processor works too
     n, device = cfg.num_generations, batch["input_ids"].device
     if dist.is_initialized():
@@ -645,7 +1086,8 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
         # 1. n responses per prompt
         completion_ids, completion_mask, truncated = generate_completions(
             policy, batch, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, sorted(eos_ids - {None}), pad_id,
-            cfg.rollout_micro_batch_size, cfg.shared_prompt)
+            cfg.rollout_micro_batch_size, cfg.shared_prompt, seeds, cfg.rollout_engine, cfg.compile_decode,
+            cfg.max_tokens_per_micro_batch)
         times["generated"] = _clock(device)
         # 2. rewards
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)

@@ -65,10 +65,12 @@ PRESETS = {  # name -> (family, hub id); the tiny ones are built from a config i
     "qwen3-vl-4b": ("qwen3_vl", "Qwen/Qwen3-VL-4B-Instruct"),
 }
 
-# Prompts per generate call per rank (--rollout-micro-batch-size), each with its n = 5 responses, so that the KV
-# cache stays within ~12-14 GB of an 80 GB GPU: a 5-image crop prompt is ~2,000 tokens at 512 px and responses run to
-# 2,048, so 5 x 4,096 tokens x grpo.kv_bytes_per_token per prompt: 3B 0.76 GB -> 16 prompts, 7B 1.17 GB -> 12,
-# Qwen3-VL-4B 3.02 GB -> 4 (`python -m bench.memory` adds up everything else a GPU holds meanwhile).
+# Prompts in flight per rank (--rollout-micro-batch-size), each with its n = 5 responses, sized so that `generate`'s
+# KV cache (--rollout-engine hf, one call of that many prompts) stays within ~12-14 GB of an 80 GB GPU: a 5-image crop
+# prompt is ~2,000 tokens at 512 px and responses run to 2,048, so 5 x 4,096 tokens x grpo.kv_bytes_per_token per
+# prompt: 3B 0.76 GB -> 16 prompts, 7B 1.17 GB -> 12, Qwen3-VL-4B 3.02 GB -> 4. The rollout engine holds each prompt
+# once (grpo.rollout_kv_tokens: 1.5 x 2,000 + 5 x 2,048 per prompt, 0.65 of that), so the same sizes leave it room
+# (`python -m bench.memory` adds up everything else a GPU holds meanwhile).
 PRESET_DEFAULTS = {
     "qwen2.5-vl-3b": dict(rollout_micro_batch_size=16),
     "qwen2.5-vl-7b": dict(rollout_micro_batch_size=12),
@@ -149,7 +151,8 @@ def build_parser():
     add("--max-pixels", type=int, default=2048 * 2048, help="max_pixels for GRPO rollouts and evaluation")
     add("--max-prompt-length", type=int, default=4096, help="prompts longer than this are dropped (counted), never cut")
     add("--max-response-length", type=int, default=2048, help="max new tokens when generating")
-    add("--eval-batch-size", type=int, default=16, help="prompts per generate call per rank")
+    add("--eval-batch-size", type=int, default=16, help="prompts per generate call per rank (the engine: prompts "
+        "in flight, ENGINE_EVAL_BATCHES batches a call)")
     add("--eval-limit", type=int, default=None, help="evaluate at most this many held-out samples per task")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute each layer's activations in backward: one 4k-token crop sequence on 7B holds ~42 GB without")
@@ -169,8 +172,14 @@ def build_parser():
     add("--clip-ratio-high", type=float, default=0.3, help="ratio clipped above at 1 + this")
     add("--clip-ratio-dual", type=float, default=3.0, help="dual clip: loss bound -c*A for negative advantages")
     add("--kl-coef", type=float, default=1e-2, help="weight of the k3 KL to the reference in the loss (0: no reference)")
-    add("--rollout-micro-batch-size", type=int, default=4, help="prompts (each with its n responses) per generate "
-        "call per rank; the paper presets set their own (PRESET_DEFAULTS: what fits an 80 GB GPU)")
+    add("--rollout-micro-batch-size", type=int, default=4, help="prompts in flight per rank, n slots each, refilled "
+        "as samples end (--rollout-engine hf: prompts per generate call); the paper presets set their own "
+        "(PRESET_DEFAULTS: what fits an 80 GB GPU)")
+    add("--rollout-engine", choices=("ssrl", "hf"), default="ssrl", help="rollouts and evaluation: ssrl (grpo."
+        "engine_generate: each prompt once in the KV cache, a finished sample's slot refilled at once) or hf "
+        "(transformers' generate, the reference); both sample the same way from the same seeds")
+    add("--compile-decode", action="store_true", help="CUDA: the engine's decode step captured once as a CUDA graph "
+        "and replayed (not yet measured on a GPU)")
     add("--max-tokens-per-micro-batch", type=int, default=16384, help="padded tokens per forward in the log-prob and "
         "update passes, per rank (EasyR1 max_token_len_per_gpu): rows sorted by length, as many as fit")
     add("--shared-prompt", action=argparse.BooleanOptionalAction, default=True, help="run each prompt once per group "
@@ -808,9 +817,9 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
         max_new_tokens=args.max_response_length, clip_low=args.clip_ratio_low, clip_high=args.clip_ratio_high,
         dual_clip=args.clip_ratio_dual, kl_coef=args.kl_coef,
         updates_per_step=args.rollout_batch_size // args.global_batch_size,
-        rollout_micro_batch_size=args.rollout_micro_batch_size,
-        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, shared_prompt=args.shared_prompt,
-        max_grad_norm=args.max_grad_norm)
+        rollout_engine=args.rollout_engine, rollout_micro_batch_size=args.rollout_micro_batch_size,
+        compile_decode=args.compile_decode, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+        shared_prompt=args.shared_prompt, max_grad_norm=args.max_grad_norm)
     model.requires_grad_(True)   # full-parameter RL, vision tower included (EasyR1 freeze_vision_tower: false)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_constant_schedule(optimizer)
@@ -825,12 +834,13 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
            f"{cfg.updates_per_step} update(s) per step, {len(train_records)} prompts", dist=dist)
     progress = Progress(args.max_steps, grpo_step, "grpo", dist)
     while grpo_step < args.max_steps:
-        # sampling seeded by (seed, step, rank): ranks draw different responses, reruns and resumed runs the same
-        torch.manual_seed(random.Random(f"{args.seed}-{grpo_step}-{dist.rank}").getrandbits(63))
         records, images, skipped = rollout_prompts(args, dist, train_records, grpo_step, steps_per_epoch)
+        # each prompt's samples seeded by (seed, step, its index in the step's global batch: rank r holds r, r + world,
+        # ...): the same rollouts on any number of ranks, with either engine, in reruns and resumed runs
+        seeds = [f"{args.seed}-{grpo_step}-{dist.rank + i * dist.world}" for i in range(len(records))]
         batch = to_device(grpo.encode_prompts(processor, records, images, args.min_pixels, args.max_pixels), dist.device)
         step_metrics, rollouts = grpo.grpo_step(model, reference, optimizer, batch, [r["answer"] for r in records],
-                                                [r["task"] for r in records], processor, cfg)
+                                                [r["task"] for r in records], processor, cfg, seeds)
         scheduler.step()
         grpo_step += 1
         if grpo_step == 1 and step_metrics["format"] < 0.05:
@@ -858,11 +868,24 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: one answer loop (`generate_answers`) for the held-out split, VLMEvalKit TSVs and the paper's benchmarks
 
-def generate_greedy(model, processor, batch, max_new_tokens):
+# Batches of --eval-batch-size prompts that one engine call takes, --eval-batch-size of them in flight: a finished
+# prompt's slot goes to the next prompt of the call, so the call waits for its longest answer once, not once per batch
+# (their images are held at once). Greedy answers do not depend on it (tests/test_ssrl.py).
+ENGINE_EVAL_BATCHES = 4
+
+
+def decode_options(args):
+    """generate_completions' engine keywords in evaluation: the engine with --eval-batch-size prompts in flight (hf:
+    per generate call) and prefills of at most --max-tokens-per-micro-batch padded tokens."""
+    return dict(engine=args.rollout_engine, compile_decode=args.compile_decode, micro_batch_size=args.eval_batch_size,
+                max_prefill_tokens=args.max_tokens_per_micro_batch)
+
+
+def generate_greedy(model, processor, batch, max_new_tokens, **options):
     """Greedy completions [B, R] for an encoded prompt batch, through grpo's rollout function (temperature 0)."""
     tokenizer = processor.tokenizer
     completion_ids, _, _ = grpo.generate_completions(model, batch, 1, max_new_tokens, 0.0, 1.0,
-                                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
+                                                     tokenizer.eos_token_id, tokenizer.pad_token_id, **options)
     return completion_ids
 
 
@@ -885,19 +908,21 @@ def call_batches(records, size):
 def generate_answers(args, dist, model, processor, records, min_pixels, max_pixels, samples=0, temperature=1.0,
                      resize=None, sort_key=None):
     """This rank's strided share of `records` answered on the model gathered once: greedily, and with `samples`
-    K > 0 also K responses each at `temperature`, response j of a record drawn by its own generator seeded by
-    (--seed, record id, j) (grpo.SeededSampler), so that a seed gives the same samples whatever the batching or the
-    number of ranks, and the greedy answers and the global RNG are the same as without them.
+    K > 0 also K responses each at `temperature`, a record's K drawn from its own seed "--seed:record id"
+    (grpo.generate_completions), so that a seed gives the same samples whatever the batching, the number of ranks or
+    the engine, and the greedy answers and the global RNG are the same as without them.
 
-    Prompts go --eval-batch-size per generate call (`call_batches`), sorted by `sort_key` (largest first), their
-    images opened per call (and resized to `resize` first); unreadable ones are skipped and counted. Returns
-    [(record, greedy text, [sampled texts])] and that count. No collective inside, so a rank whose records are
-    unreadable (or fewer) cannot stall the others."""
+    Prompts go --eval-batch-size per generate call (`call_batches`; ENGINE_EVAL_BATCHES times as many on the engine,
+    --eval-batch-size in flight), sorted by `sort_key` (largest first), their images opened per call (and resized
+    to `resize` first); unreadable ones are skipped and counted. Returns [(record, greedy text, [sampled texts])] and
+    that count. No collective inside, so a rank whose records are unreadable (or fewer) cannot stall the others."""
     was_training = model.training
     model.eval()
     tokenizer = processor.tokenizer
     share = records[dist.rank::dist.world]
-    batches = call_batches(sorted(share, key=sort_key, reverse=True) if sort_key else share, args.eval_batch_size)
+    options = decode_options(args)
+    per_call = args.eval_batch_size * (ENGINE_EVAL_BATCHES if args.rollout_engine == "ssrl" else 1)
+    batches = call_batches(sorted(share, key=sort_key, reverse=True) if sort_key else share, per_call)
     answers, skipped = [], 0
     progress = Progress(len(batches), 0, "eval", dist, leave=False)
     with grpo.gathered(model):
@@ -908,13 +933,13 @@ def generate_answers(args, dist, model, processor, records, min_pixels, max_pixe
                 if resize:
                     images = [[image.resize(resize) for image in group] for group in images]
                 batch = to_device(grpo.encode_prompts(processor, kept, images, min_pixels, max_pixels), dist.device)
-                greedy = tokenizer.batch_decode(generate_greedy(model, processor, batch, args.max_response_length),
-                                                skip_special_tokens=True)
+                greedy = tokenizer.batch_decode(generate_greedy(model, processor, batch, args.max_response_length,
+                                                                **options), skip_special_tokens=True)
                 sampled = [[] for _ in kept]
                 if samples:
                     ids, _, _ = grpo.generate_completions(
                         model, batch, samples, args.max_response_length, temperature, 1.0, tokenizer.eos_token_id,
-                        tokenizer.pad_token_id, seeds=[f"{args.seed}:{record['id']}" for record in kept])
+                        tokenizer.pad_token_id, seeds=[f"{args.seed}:{record['id']}" for record in kept], **options)
                     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
                     sampled = [texts[i * samples:(i + 1) * samples] for i in range(len(kept))]
                 answers += zip(kept, greedy, sampled)
@@ -1447,6 +1472,9 @@ def main(argv=None):
 
 def run(args, dist):
     started = time.perf_counter()
+    if args.compile_decode and (dist.device.type != "cuda" or args.rollout_engine != "ssrl"):
+        raise UserError("--compile-decode captures the engine's decode step as a CUDA graph: it needs a GPU and "
+                        "--rollout-engine ssrl")
     transformers_logging.disable_progress_bar()   # "Writing model shards" bars at each save
     random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -1,7 +1,7 @@
 """The GPU check: one command for the minutes a GPU is lent, printing one table of what only a GPU can show.
 
     python -m bench.gpu_check                      # everything, under 10 minutes on one H200 (no network needed)
-    python -m bench.gpu_check --only kernels grpo-3b
+    python -m bench.gpu_check --only kernels grpo-3b engine-3b
     python -m bench.gpu_check --dry-run            # the commands it would run; works anywhere (CI runs it)
 
 Sections, each a subprocess with its own time limit (a failure or a timeout is a row of the table, not a crash):
@@ -15,6 +15,11 @@ Sections, each a subprocess with its own time limit (a failure or a timeout is a
                 (5-image crop prompts included), 200 new tokens, shared prompts, fp32 master weights with bf16
                 compute and a bf16 reference (what a one-GPU ssrl.py run holds): seconds per step and its split,
                 tokens/s, peak memory; the same for qwen3-vl-4b
+  engine-3b     python -m bench.grpo --generation: qwen2.5-vl-3b, 16 recipe prompts x 5 samples of up to 128 tokens
+                (stop tokens end them after ~48, spread as real responses are), 4 prompts in flight (per generate
+                call): transformers' generate, the rollout engine, and the engine with its decode step captured as a
+                CUDA graph (--compile-decode): generate seconds, tokens/s, KV cache per prompt, peak memory, and
+                the share of tokens the captured step sampled as the eager one did (same seeds)
   tiny-bf16     the default run (python ssrl.py) in bf16 on the GPU with 20 GRPO steps: format learnt, no NaN
 Results also go to OUT/gpu_check.json. Put the table, with the GPU's name, in the README and your note.
 """
@@ -29,23 +34,30 @@ import time
 from pathlib import Path
 
 GRPO_FLAGS = ["--shapes", "recipe", "--image-size", "512", "--prompts", "32", "--max-new-tokens", "200",
-              "--paths", "shared", "--steps", "1", "--rollout-micro-batch-size", "16", "--dtype", "bf16"]
+              "--paths", "shared", "--steps", "1", "--rollout-micro-batch-size", "16", "--dtype", "bf16",
+              "--no-generation"]
+ENGINE_FLAGS = ["--generation", "--shapes", "recipe", "--image-size", "512", "--prompts", "16", "--max-new-tokens",
+                "128", "--mean-length", "48", "--rollout-micro-batch-size", "4", "--rollout-engine", "hf,ssrl",
+                "--compile-decode", "--repeats", "1", "--dtype", "bf16"]
 
 
 def sections(out):
-    """name -> (command, time limit in seconds, environment changes)."""
+    """name -> (command, time limit in seconds, environment changes). The limits add up to one 600-s command;
+    engine-3b's 90 s came out of the others before any of them had run on a GPU."""
     python = sys.executable
     return {
-        "kernel-tests": ([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"], 90,
+        "kernel-tests": ([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"], 80,
                          {"TRITON_INTERPRET": None}),
         "kernels": ([python, "-m", "kernels.bench", "--shapes", "4096x2048x151936", "16384x3584x152064",
-                     "--methods", "naive", "kernel", "fallback", "--repeats", "3"], 120, {}),
+                     "--methods", "naive", "kernel", "fallback", "--repeats", "3"], 110, {}),
         "grpo-3b": ([python, "-m", "bench.grpo", "--model", "qwen2.5-vl-3b", *GRPO_FLAGS,
                      "--json", str(out / "grpo-3b.json")], 110, {}),
+        "engine-3b": ([python, "-m", "bench.grpo", "--model", "qwen2.5-vl-3b", *ENGINE_FLAGS,
+                       "--json", str(out / "engine-3b.json")], 90, {}),
         "grpo-4b": ([python, "-m", "bench.grpo", "--model", "qwen3-vl-4b", *GRPO_FLAGS,
-                     "--json", str(out / "grpo-4b.json")], 130, {}),
+                     "--json", str(out / "grpo-4b.json")], 110, {}),
         "tiny-bf16": ([python, "ssrl.py", "--dtype", "bf16", "--max-steps", "10", "--out", str(out / "tiny-bf16"),
-                       "--data", str(out / "tiny-data")], 150, {}),
+                       "--data", str(out / "tiny-data")], 100, {}),
     }
 
 
@@ -88,6 +100,22 @@ def parse_grpo(section):
     return parse
 
 
+def parse_engine(section):
+    def parse(stdout, out):
+        rows = []
+        for result in json.loads((out / f"{section}.json").read_text()):
+            item = f"{result['model']} {result['engine']}"
+            rows += [(section, item, "generate s", f"{result['generate_s']:.1f}"),
+                     (section, item, "tokens/s", f"{result['tokens_per_s']:.0f}"),
+                     (section, item, "mean length", f"{result['mean_length']:.0f}"),
+                     (section, item, "KV MiB per prompt", f"{result['kv_mib_per_prompt']:.0f}"),
+                     (section, item, "peak GiB", f"{result['peak_mib'] / 1024:.1f}")]
+            if "same_tokens_as_eager" in result:
+                rows.append((section, item, "tokens as eager", f"{result['same_tokens_as_eager']:.3f}"))
+        return rows
+    return parse
+
+
 def parse_tiny(stdout, out):
     run = out / "tiny-bf16"
     rows = []
@@ -105,7 +133,7 @@ def parse_tiny(stdout, out):
 
 
 PARSERS = {"kernel-tests": parse_kernel_tests, "kernels": parse_kernels, "grpo-3b": parse_grpo("grpo-3b"),
-           "grpo-4b": parse_grpo("grpo-4b"), "tiny-bf16": parse_tiny}
+           "engine-3b": parse_engine("engine-3b"), "grpo-4b": parse_grpo("grpo-4b"), "tiny-bf16": parse_tiny}
 
 
 def table(rows):

@@ -1,8 +1,10 @@
 """Seconds per GRPO step and where they go, tokens/s and peak memory: shared-prompt rows against one row per
-response, and the fused log-probs on and off; the memory of a rollout against its micro-batch.
+response, and the fused log-probs on and off; generation on the rollout engine against transformers' `generate`;
+the memory of a rollout against its micro-batch.
 
     OMP_NUM_THREADS=1 python -m bench.grpo                                # tiny model, CPU: recipe-like + default
-    OMP_NUM_THREADS=1 python -m bench.grpo --shapes default --paths shared,unshared
+    OMP_NUM_THREADS=1 python -m bench.grpo --shapes default --paths shared,unshared --rollout-engine ssrl,hf
+    OMP_NUM_THREADS=1 python -m bench.grpo --generation --mean-length 20  # generation only, both engines
     OMP_NUM_THREADS=1 python -m bench.grpo --rollout-memory               # peak memory of generation vs micro-batch
     python -m bench.grpo --model qwen2.5-vl-3b --shapes recipe --image-size 512 --prompts 32 --max-new-tokens 256
 
@@ -15,12 +17,23 @@ step, k3 KL to a reference: every pass of the recipe) on the same prompts after 
 (each group one packed row, one prefill per prompt) or "unshared" (a row and a prefill per response). Log-probs
 (--impls): the device's fused path ("torch" on a CPU, "triton" on CUDA) or "reference" ([tokens x vocab] logits).
 Peak memory: CUDA max_memory_allocated, or the process's peak resident set on the CPU (reset before each variant).
+
+Generation table (--generation, also printed by a plain run): the same prompts and n samples on each engine ("ssrl":
+grpo.engine_generate; "ssrl+graph": with its decode step captured as a CUDA graph, --compile-decode; "hf":
+transformers' generate, one prefill per prompt and its cache copied n times), --rollout-micro-batch-size prompts in
+flight (per generate call for hf): generate seconds (median of --repeats after a warm-up), generated tokens per
+second, the KV cache per prompt (the engine's allocation divided by its prompts in flight; for generate its largest
+call's cache, n x (longest prompt + longest response) x its prompts, divided by them) and the peak memory of the
+rollout above the loaded model (CPU: each engine in a fresh process, whose heap has not held another's). Random
+weights rarely sample EOS, so every sample runs to the limit; --mean-length L adds stop tokens (every L-th id) so
+that lengths spread roughly geometrically, as real responses do, which is where refilled slots matter.
 Precision as the trainer has it: fp32 master weights and AdamW state; with a bf16 compute dtype (--dtype, auto: bf16
 on CUDA) the policy computes through FSDP2's mixed precision on one process and the reference is bf16, so a real
 preset's peak memory is what a one-GPU run of ssrl.py holds (~16 B per parameter + 2 B for the reference).
 """
 import argparse
 import copy
+import itertools
 import json
 import os
 import random
@@ -106,10 +119,10 @@ def build(args, dist, root):
     return policy, reference, processor, batch, [r["answer"] for r in records], [r["task"] for r in records]
 
 
-def time_steps(args, device, policy, reference, processor, batch, answers, task_names, shared, impl):
+def time_steps(args, device, policy, reference, processor, batch, answers, task_names, shared, impl, engine):
     grpo.LOGPROBS_IMPL = impl
     cfg = grpo.GRPOConfig(num_generations=args.n, max_new_tokens=args.max_new_tokens, shared_prompt=shared,
-                          rollout_micro_batch_size=args.rollout_micro_batch_size,
+                          rollout_engine=engine, rollout_micro_batch_size=args.rollout_micro_batch_size,
                           max_tokens_per_micro_batch=args.max_tokens_per_micro_batch)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
     torch.manual_seed(0)
@@ -119,6 +132,144 @@ def time_steps(args, device, policy, reference, processor, batch, answers, task_
             for _ in range(args.steps)]
     grpo.LOGPROBS_IMPL = None
     return {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}, peak_mib(device)
+
+
+def generate_kv_bytes(batch, completion_mask, n, micro, per_token):
+    """The largest KV cache of one `generate` call and its prompts: n copies of (longest prompt + longest response)
+    per prompt of the call, prompts taken longest first as grpo.generate_completions takes them."""
+    lengths = batch["attention_mask"].sum(1).cpu()
+    responses = completion_mask.sum(1).view(-1, n).amax(1).cpu()                           # [B]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    calls = [(len(chunk) * n * int(lengths[chunk].max() + responses[chunk].max()) * per_token, len(chunk))
+             for chunk in order.split(micro or len(order))]
+    return max(calls)
+
+
+def generate_steps(batch, completion_mask, n, micro):
+    """Decode steps of the `generate` calls: each runs to the longest sample of its prompts."""
+    order = torch.argsort(batch["attention_mask"].sum(1).cpu(), descending=True, stable=True)
+    longest = completion_mask.sum(1).view(-1, n).amax(1).cpu()                               # [B]
+    return sum(int(longest[chunk].max()) for chunk in order.split(micro or len(order)))
+
+
+def stop_ids(processor, model, mean_length):
+    """EOS and, for --mean-length L, every L-th token id that is not special: with a random model's near-uniform
+    next-token distribution a sample then stops after ~L tokens, geometrically spread."""
+    tokenizer = processor.tokenizer
+    ids = [tokenizer.eos_token_id]
+    if mean_length:
+        special = set(tokenizer.all_special_ids) | set(grpo.vision_token_ids(model))
+        ids += [i for i in range(mean_length // 2, model.config.get_text_config().vocab_size, mean_length)
+                if i not in special]
+    return ids
+
+
+def generate_row(args, dist, policy, processor, batch, engine, eager_ids=None):
+    """One generation-table row: a warm-up, then --repeats timed runs on the same prompts, run r's prompt i seeded
+    "r:i" on every engine (so that they draw the same samples, up to the logits' rounding). With `eager_ids`, the
+    eager engine's completions of the last run, the row also gives the share of tokens that the captured step
+    sampled alike (rounding differs between the two steps)."""
+    device = dist.device
+    policy.eval()
+    tokenizer = processor.tokenizer
+    stops = stop_ids(processor, policy, args.mean_length)
+    name, compile_decode = engine.split("+")[0], engine.endswith("+graph")
+    seconds, base = [], None
+    for run in range(args.repeats + 1):
+        seeds = [f"{run}:{i}" for i in range(len(batch["input_ids"]))]
+        if run == min(1, args.repeats):
+            peak_reset(device)
+            base = peak_mib(device)
+        start = grpo._clock(device)
+        if name == "ssrl":
+            out = grpo.engine_generate(policy, batch, args.n, args.max_new_tokens, 1.0, 1.0, stops,
+                                       tokenizer.pad_token_id, args.rollout_micro_batch_size, seeds,
+                                       max_prefill_tokens=args.max_tokens_per_micro_batch,
+                                       compile_decode=compile_decode)
+            mask, kv, steps = out.completion_mask, out.kv_bytes, out.steps
+            per_prompt = kv / (out.slots // args.n)                 # the cache serves this many prompts at a time
+        else:
+            _, mask, _ = grpo.generate_completions(policy, batch, args.n, args.max_new_tokens, 1.0, 1.0, stops,
+                                                   tokenizer.pad_token_id, args.rollout_micro_batch_size,
+                                                   seeds=seeds, engine="hf")
+            kv, prompts = generate_kv_bytes(batch, mask, args.n, args.rollout_micro_batch_size,
+                                            grpo.kv_bytes_per_token(policy.config, torch.finfo(dist.dtype).bits // 8))
+            per_prompt, steps = kv / prompts, generate_steps(batch, mask, args.n, args.rollout_micro_batch_size)
+        seconds.append(grpo._clock(device) - start)
+    timed = seconds[1:] or seconds
+    median = sorted(timed)[len(timed) // 2]
+    tokens, prompts = float(mask.sum()), len(batch["input_ids"])
+    row = {"model": args.model, "shapes": args.shapes, "engine": engine, "prompts": prompts,
+           "prompt_tokens": float(batch["attention_mask"].sum(1).float().mean()), "generated_tokens": tokens,
+           "mean_length": tokens / (prompts * args.n), "generate_s": median, "tokens_per_s": tokens / median,
+           "steps": steps, "kv_mib": kv / 2 ** 20, "kv_mib_per_prompt": per_prompt / 2 ** 20,
+           "peak_mib": peak_mib(device) - base}
+    if name == "ssrl" and eager_ids is not None:
+        width = min(eager_ids.shape[1], out.completion_ids.shape[1])
+        row["same_tokens_as_eager"] = float((eager_ids[:, :width] == out.completion_ids[:, :width]).float().mean())
+    return row, (out.completion_ids if name == "ssrl" else None)
+
+
+def generate_one(args, dist, engine):
+    with tempfile.TemporaryDirectory() as root:
+        policy, _, processor, batch, _, _ = build(args, dist, root)
+    return generate_row(args, dist, policy, processor, batch, engine)[0]
+
+
+def generation_table(args, dist, engines):
+    """The generation rows for each shape and engine. CPU: each row in a fresh process (peak resident memory), the
+    engines in turn --pairs times (who goes first alternates): medians over the pairs and the median of each pair's
+    ratio to the first engine. CUDA: in this process (peak allocated memory, reset per row), once."""
+    import statistics
+    import subprocess
+    import sys
+    print("| shapes | engine | prompts x n | prompt tokens | mean length | generate s | tokens/s | decode steps | "
+          "KV MiB per prompt | peak MiB above the loaded model | generate s / first engine's (pairs) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    max_new_tokens = args.max_new_tokens
+    for shapes in (("recipe", "default") if args.shapes == "both" else (args.shapes,)):
+        args.shapes, args.max_new_tokens = shapes, max_new_tokens or (60 if shapes == "recipe" else 48)
+        runs = {engine: [] for engine in engines}
+        if dist.device.type == "cuda":   # one model for every engine
+            with tempfile.TemporaryDirectory() as root:
+                policy, _, processor, batch, _, _ = build(args, dist, root)
+            eager_ids = None
+            for engine in engines:
+                row, ids = generate_row(args, dist, policy, processor, batch, engine,
+                                        eager_ids if engine == "ssrl+graph" else None)
+                eager_ids = ids if engine == "ssrl" else eager_ids
+                runs[engine].append(row)
+        else:
+            for pair in range(args.pairs):
+                for engine in (engines if pair % 2 == 0 else engines[::-1]):
+                    command = [sys.executable, "-m", "bench.grpo", "--generate-one", engine, "--shapes", shapes,
+                               "--model", args.model, "--prompts", str(args.prompts), "--n", str(args.n),
+                               "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats),
+                               "--rollout-micro-batch-size", str(args.rollout_micro_batch_size),
+                               "--max-tokens-per-micro-batch", str(args.max_tokens_per_micro_batch),
+                               "--mean-length", str(args.mean_length), "--dtype", args.dtype]
+                    if args.image_size:
+                        command += ["--image-size", str(args.image_size)]
+                    result = subprocess.run(command, capture_output=True, text=True, check=True)
+                    runs[engine].append(json.loads(result.stdout.strip().splitlines()[-1]))
+        first = runs[engines[0]]
+        for engine in engines:
+            row = dict(runs[engine][-1])
+            for key in ("generate_s", "tokens_per_s", "peak_mib"):
+                row[key] = statistics.median(run[key] for run in runs[engine])
+            row["pairs"] = len(runs[engine])
+            row["ratio_to_first"] = statistics.median(run["generate_s"] / base["generate_s"]
+                                                      for run, base in zip(runs[engine], first))
+            rows.append(row)
+            steps = str(row["steps"])
+            same = f" ({row['same_tokens_as_eager']:.1%} of tokens as eager)" if "same_tokens_as_eager" in row else ""
+            print(f"| {shapes} | {engine}{same} | {row['prompts']} x {args.n} | {row['prompt_tokens']:.0f} | "
+                  f"{row['mean_length']:.1f} | {row['generate_s']:.2f} | {row['tokens_per_s']:.0f} | {steps} | "
+                  f"{row['kv_mib_per_prompt']:.2f} | {row['peak_mib']:.0f} | {row['ratio_to_first']:.2f} "
+                  f"({row['pairs']}) |", flush=True)
+    args.shapes, args.max_new_tokens = "both", max_new_tokens
+    return rows
 
 
 def rollout_memory(args):
@@ -157,6 +308,18 @@ def main():
     parser.add_argument("--layers", type=int, default=None, help="real presets: decoder layers and vision blocks")
     parser.add_argument("--shapes", choices=("recipe", "default", "both"), default="both")
     parser.add_argument("--paths", default="shared,unshared", help="comma-separated: shared, unshared")
+    parser.add_argument("--rollout-engine", default=None, help="comma-separated: ssrl, hf (and ssrl+graph in the "
+                        "generation table); default: ssrl for the step table, ssrl,hf for the generation table")
+    parser.add_argument("--compile-decode", action="store_true", help="CUDA: also the engine with its decode step "
+                        "captured as a CUDA graph (ssrl+graph) in the generation table")
+    parser.add_argument("--generation", action="store_true", help="only the generation table")
+    parser.add_argument("--no-generation", action="store_true", help="only the step table")
+    parser.add_argument("--mean-length", type=int, default=0, help="generation table: stop tokens so that samples "
+                        "end after ~L tokens (0: only EOS, which random weights rarely sample)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generation runs per engine (after 1 warm-up)")
+    parser.add_argument("--pairs", type=int, default=1, help="CPU: processes per engine in the generation table, "
+                        "run in turn (medians and per-pair ratios)")
+    parser.add_argument("--generate-one", metavar="ENGINE", help=argparse.SUPPRESS)
     parser.add_argument("--impls", default=None, help="comma-separated grpo.LOGPROBS_IMPL values (default: the "
                         "device's fused path only; add 'reference' for [tokens x vocab] logits)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step (x n responses)")
@@ -177,27 +340,42 @@ def main():
     if args.rollout_memory or args.rollout_one:
         args.shapes, args.max_new_tokens = "recipe", args.max_new_tokens or 60
         return rollout_one(args, dist, *args.rollout_one) if args.rollout_one else rollout_memory(args)
+    if args.generate_one:
+        print(json.dumps(generate_one(args, dist, args.generate_one)))
+        return
+    generation_rows = []
+    if not args.no_generation:
+        engines = (args.rollout_engine or "ssrl,hf").split(",")
+        if args.compile_decode and "ssrl+graph" not in engines:   # after the eager engine, whose tokens it compares
+            engines.insert(engines.index("ssrl") + 1 if "ssrl" in engines else len(engines), "ssrl+graph")
+        generation_rows = generation_table(args, dist, engines)
+        if args.generation:
+            if args.json:
+                with open(args.json, "w") as handle:
+                    json.dump(generation_rows, handle)
+            return
+        print()
     impls = (args.impls or ("triton" if device.type == "cuda" else "torch")).split(",")
-    print("| shapes | path | log-probs | prompt tokens | s/step | generate | reward | log-probs (old+ref) | update | "
-          "passes | tokens/s | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shapes | path | engine | log-probs | prompt tokens | s/step | generate | reward | log-probs (old+ref) | "
+          "update | passes | tokens/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     max_new_tokens, rows = args.max_new_tokens, []
     for shapes in (("recipe", "default") if args.shapes == "both" else (args.shapes,)):
         args.shapes, args.max_new_tokens = shapes, max_new_tokens or (60 if shapes == "recipe" else 48)
         with tempfile.TemporaryDirectory() as root:
             policy, reference, processor, batch, answers, task_names = build(args, dist, root)
             prompt_tokens = float(batch["attention_mask"].sum(1).float().mean())
-            for path in args.paths.split(","):
-                for impl in impls:
-                    mean, peak = time_steps(args, device, policy, reference, processor, batch, answers, task_names,
-                                            path == "shared", impl)
-                    passes = mean["time/logprobs"] + mean["time/update"]
-                    print(f"| {shapes} | {path} | {impl} | {prompt_tokens:.0f} | {mean['time/step']:.2f} | "
-                          f"{mean['time/generate']:.2f} | {mean['time/reward']:.3f} | {mean['time/logprobs']:.2f} | "
-                          f"{mean['time/update']:.2f} | {passes:.2f} | {mean['tokens_per_second']:.0f} | "
-                          f"{peak:.0f} |", flush=True)
-                    rows.append({"model": args.model, "shapes": shapes, "path": path, "impl": impl,
-                                 "prompt_tokens": prompt_tokens, "peak_mib": peak, **mean})
+            for path, engine, impl in itertools.product(args.paths.split(","),
+                                                        (args.rollout_engine or "ssrl").split(","), impls):
+                mean, peak = time_steps(args, device, policy, reference, processor, batch, answers, task_names,
+                                        path == "shared", impl, engine)
+                passes = mean["time/logprobs"] + mean["time/update"]
+                print(f"| {shapes} | {path} | {engine} | {impl} | {prompt_tokens:.0f} | {mean['time/step']:.2f} | "
+                      f"{mean['time/generate']:.2f} | {mean['time/reward']:.3f} | {mean['time/logprobs']:.2f} | "
+                      f"{mean['time/update']:.2f} | {passes:.2f} | {mean['tokens_per_second']:.0f} | "
+                      f"{peak:.0f} |", flush=True)
+                rows.append({"model": args.model, "shapes": shapes, "path": path, "engine": engine, "impl": impl,
+                             "prompt_tokens": prompt_tokens, "peak_mib": peak, **mean})
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle)

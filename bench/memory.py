@@ -6,8 +6,9 @@ not measurements (bench/gpu_check.py measures a one-GPU step of 3B and 4B when a
 
 What holds memory, per GPU of W (FSDP2 shards everything it owns over W):
   master weights fp32 4 B/param, gradients fp32 4 B, AdamW moments 8 B, reference bf16 2 B      (all / W)
-  rollouts and no-grad passes: the policy gathered whole in bf16 (2 B/param, grpo.gathered) and the KV cache of
-    one generate call: m prompts x n x (prompt + response) tokens x grpo.kv_bytes_per_token
+  rollouts and no-grad passes: the policy gathered whole in bf16 (2 B/param, grpo.gathered) and the KV cache
+    (grpo.rollout_kv_tokens x grpo.kv_bytes_per_token): the rollout engine's, 1.5 rows of P per prompt in flight
+    (its spare rows) + m x n slots of T tokens, or with --rollout-engine hf one generate call's, m x n x (P + T)
   update: one micro-batch's activations with gradient checkpointing: the bf16 hidden state at every decoder layer
     (layers x D x 2 B per token) plus one layer recomputed in full (~2 B x (10 D + 3 I) per token), and the root's
     gathered bf16 embeddings and lm_head (FSDP keeps the root gathered through forward and backward)
@@ -37,12 +38,12 @@ def architecture(name):
             text.intermediate_size, grpo.kv_bytes_per_token(config), text.vocab_size, config.tie_word_embeddings)
 
 
-def estimate(name, gpus, micro_batch, tokens, n=5, response=2048):
+def estimate(name, gpus, micro_batch, tokens, n=5, response=2048, engine="ssrl"):
     params, layers, hidden, intermediate, kv_per_token, vocab, tied = architecture(name)
     gib = 2 ** 30
     sharded = {"master": 4 * params / gpus, "grads": 4 * params / gpus, "adam": 8 * params / gpus,
                "reference": 2 * params / gpus}
-    kv = micro_batch * n * (PROMPT_TOKENS + response) * kv_per_token
+    kv = grpo.rollout_kv_tokens(micro_batch, PROMPT_TOKENS, n, response, engine) * kv_per_token
     gathered = 2 * params
     activations = tokens * (layers * hidden * 2 + 2 * (10 * hidden + 3 * intermediate))
     root = 2 * vocab * hidden * (1 if tied else 2)
@@ -58,6 +59,7 @@ def main():
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rollout-micro-batch-size", type=int, default=None, help="default: each preset's own")
     parser.add_argument("--max-tokens-per-micro-batch", type=int, default=16384)
+    parser.add_argument("--rollout-engine", choices=("ssrl", "hf"), default="ssrl")
     args = parser.parse_args()
     print("| preset | params | GPUs | master fp32 | grads fp32 | AdamW | reference bf16 | gathered bf16 (rollout) | "
           "KV cache (m prompts x 5) | activations (16k tokens) | rollout phase | update phase | peak |")
@@ -65,7 +67,7 @@ def main():
     for name, defaults in ssrl.PRESET_DEFAULTS.items():
         micro = args.rollout_micro_batch_size or defaults["rollout_micro_batch_size"]
         for gpus in args.gpus:
-            e = estimate(name, gpus, micro, args.max_tokens_per_micro_batch)
+            e = estimate(name, gpus, micro, args.max_tokens_per_micro_batch, engine=args.rollout_engine)
             print(f"| {name} | {e['params']:.2f} B | {gpus} | {e['master']:.1f} | {e['grads']:.1f} | {e['adam']:.1f} | "
                   f"{e['reference']:.1f} | {e['gathered']:.1f} | {e['kv']:.1f} (m = {micro}) | {e['activations']:.1f} | "
                   f"{e['rollout']:.1f} | {e['update']:.1f} | **{e['peak']:.0f}** |")

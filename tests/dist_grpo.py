@@ -12,7 +12,8 @@ process updating on the whole batch on the per-response path (`single_process_up
 Generation: each rank then decodes its own prompts on the sharded model gathered once (`grpo.gathered`), greedily
 (the test compares with one process) and sampled against an unsharded copy with the same seed, with a stop token
 that makes the ranks finish after different numbers of tokens and a different number of generate calls per rank:
-nothing in generation is collective any more, so neither may wait for the other.
+nothing in generation is collective any more, so neither may wait for the other. Last, each rank samples its
+strided share of 4 prompts with per-prompt seeds (SEEDS, by global index): one process with all 4 must draw the same.
 """
 import copy
 import os
@@ -32,6 +33,7 @@ BUDGET = [10_000, 60]
 PROMPTS = 8
 RANK_PROMPTS = [[0, 1, 2, 3], [4, 5, 6, 7]]
 SINGLE_ORDER = [0, 1, 4, 5, 2, 3, 6, 7]
+SEEDS = [11, 12, 13, 14]          # the sampling seed of each prompt of the seeded batch, by its global index
 
 
 def fixed_rollouts(tokenizer, model):
@@ -80,6 +82,17 @@ def greedy(model, tokenizer, batch, micro_batch_size):
     ids, mask, _ = grpo.generate_completions(model, batch, 2, 8, 0.0, 1.0, tokenizer.eos_token_id,
                                              tokenizer.pad_token_id, micro_batch_size)
     return ids * mask
+
+
+def seeded(model, tokenizer, batch, seeds):
+    """3 samples per prompt (T = 1) from the engine, one prompt in flight, sampling seeded per prompt."""
+    ids, mask, _ = grpo.generate_completions(model, batch, 3, 10, 1.0, 1.0, tokenizer.eos_token_id,
+                                             tokenizer.pad_token_id, 1, seeds=seeds)
+    return ids * mask
+
+
+def seeded_batch(tokenizer):
+    return colour_batch(tokenizer, prompts=len(SEEDS), seed=11)[0]
 
 
 def rank_prompts(tokenizer, rank):
@@ -133,10 +146,13 @@ def main(out):
             torch.manual_seed(100 + rank)
             sampled.append(grpo.generate_completions(candidate, batch, 2, 10, 1.0, 1.0, stop, tokenizer.pad_token_id,
                                                      micro_batch_size=2))
+        share = torch.arange(rank, len(SEEDS), 2)                   # the strided share, as ssrl.rollout_prompts
+        seeded_share = seeded(model, tokenizer, grpo.select_samples(seeded_batch(tokenizer), share),
+                              [SEEDS[i] for i in share])
     same = all(torch.equal(a, b) for a, b in zip(sampled[0], sampled[1]))
     results = [None, None]
     dist.all_gather_object(results, {"greedy": sharded_greedy, "same_sampled": same, "calls": calls,
-                                     "width": sampled[1][0].shape[1]})
+                                     "width": sampled[1][0].shape[1], "seeded": seeded_share})
     if rank == 0:
         torch.save({"params": state, "metrics": metrics, "micro_batches": counts, "generate": results},
                    os.path.join(out, "sharded.pt"))

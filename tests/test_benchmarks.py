@@ -333,7 +333,7 @@ def test_sampled_evaluation_reports_pass_at_1_and_pass_at_k_per_task(tmp_path, m
         return torch.tensor([e + [pad] * (width - len(e)) for e in encoded]), None, None
 
     monkeypatch.setattr(ssrl.grpo, "generate_completions", scripted)
-    monkeypatch.setattr(ssrl, "generate_greedy", lambda model, processor, batch, max_new_tokens:
+    monkeypatch.setattr(ssrl, "generate_greedy", lambda model, processor, batch, max_new_tokens, **options:
                         torch.tensor([processor.tokenizer("\\boxed{0-1}")["input_ids"]] * batch["input_ids"].shape[0]))
     args = ssrl.parse_args(["--eval-batch-size", "2", "--seed", "5"])
     dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
@@ -348,9 +348,10 @@ def test_sampled_evaluation_reports_pass_at_1_and_pass_at_k_per_task(tmp_path, m
     assert "pass@1 (T=0.7) sft" in table and "pass@3 (T=0.7) sft" in table
 
 
-def test_seeded_samples_do_not_depend_on_the_batch_they_share():
+@pytest.mark.parametrize("engine", ["ssrl", "hf"])
+def test_seeded_samples_do_not_depend_on_the_batch_they_share(engine):
     """The same seed gives the same sampled responses whether a prompt is decoded alone or beside others (as it is
-    on one rank or two), and different responses for different samples of one prompt."""
+    on one rank or two), on either engine, and different responses for different samples of one prompt."""
     model, processor = tiny_model("qwen3_vl")
     rng = random.Random(0)
     records = [{"id": f"p{i}", "task": "depth", "problem": "<image>" + "word " * (3 + 4 * i), "answer": "1",
@@ -361,7 +362,8 @@ def test_seeded_samples_do_not_depend_on_the_batch_they_share():
         batch = ssrl.grpo.encode_prompts(processor, chosen, [r["images"] for r in chosen], 56 * 56, 128 * 128)
         with torch.no_grad():
             ids, _, _ = ssrl.grpo.generate_completions(model, batch, 2, 12, 1.0, 1.0, tokenizer.eos_token_id,
-                                                       tokenizer.pad_token_id, seeds=[f"1:{r['id']}" for r in chosen])
+                                                       tokenizer.pad_token_id, seeds=[f"1:{r['id']}" for r in chosen],
+                                                       engine=engine)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         return {r["id"]: texts[2 * i:2 * i + 2] for i, r in enumerate(chosen)}
 
@@ -398,7 +400,7 @@ def test_eval_bench_prints_table_1_and_writes_every_response(tmp_path, monkeypat
             scripted.setdefault(f"@k{i}@", {})[name] = response
     model, processor = tiny_model("qwen2_5_vl")
 
-    def respond(model, processor, batch, max_new_tokens):
+    def respond(model, processor, batch, max_new_tokens, **options):
         chosen = []
         for text in processor.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True):
             name = next(name for phrase, name in (("Is there a large bus", "spatial457"), ("Which one", "3dsrbench"),

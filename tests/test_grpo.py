@@ -296,15 +296,17 @@ def test_select_samples_takes_each_prompts_own_images(device, tokenizer):
     assert out["pixel_values"].device.type == device and out["images_per_sample"].device.type == "cpu"
 
 
+@pytest.mark.parametrize("engine", ["ssrl", "hf"])
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
-def test_generate_on_left_padded_multi_image_batch(family, tokenizer):
+def test_generate_on_left_padded_multi_image_batch(family, engine, tokenizer):
     model = build_model(family, tokenizer)
     batch = mixed_batch(family, tokenizer)
     prompt_len = batch["input_ids"].shape[1]
     # greedy: the generated tokens are the argmax of the scoring pass, so generate's KV-cache positions and the
     # log-prob pass agree (left padding, M-RoPE with images of different sizes)
     eos = tokenizer.eos_token_id
-    ids, mask, truncated = grpo.generate_completions(model, batch, 2, 6, 0.0, 1.0, eos, tokenizer.pad_token_id)
+    ids, mask, truncated = grpo.generate_completions(model, batch, 2, 6, 0.0, 1.0, eos, tokenizer.pad_token_id,
+                                                     engine=engine)
     assert ids.shape[0] == 6 and mask.shape == ids.shape and truncated.shape == (6,)
     with torch.no_grad():
         logits = model(**join_completions(batch, ids, mask, 2)).logits[:, prompt_len - 1:-1]
@@ -315,13 +317,14 @@ def test_generate_on_left_padded_multi_image_batch(family, tokenizer):
     # sampling ignores the checkpoint's own generation_config (Qwen ships top_k 1 and repetition_penalty 1.05)
     model.generation_config.top_k, model.generation_config.repetition_penalty = 1, 1.05
     torch.manual_seed(0)
-    ids, mask, truncated = grpo.generate_completions(model, batch, 4, 12, 1.0, 1.0, [eos], tokenizer.pad_token_id)
+    ids, mask, truncated = grpo.generate_completions(model, batch, 4, 12, 1.0, 1.0, [eos], tokenizer.pad_token_id,
+                                                     engine=engine)
     assert len({tuple(row) for row in ids[:4].tolist()}) > 1
     # a stop token: everything after the first EOS is masked and padded; truncated rows have no EOS
     stop = int(ids[0, 2])
     torch.manual_seed(0)
     ids, mask, truncated = grpo.generate_completions(model, batch, 4, 12, 1.0, 1.0, [eos, stop],
-                                                     tokenizer.pad_token_id)
+                                                     tokenizer.pad_token_id, engine=engine)
     for row, row_mask, row_truncated in zip(ids.tolist(), mask.tolist(), truncated.tolist()):
         stops = [i for i, token in enumerate(row) if token in (eos, stop) and row_mask[i]]
         if row_truncated:

@@ -1,6 +1,7 @@
 """grpo.py under torchrun: 2 ranks on gloo with FSDP2 give the same update as one process (shared-prompt rows on the
 ranks, per-response rows in the one process, different micro-batch counts per rank), and generation on the model
-gathered once gives the same completions as one process (tests/dist_grpo.py is the script both sides run)."""
+gathered once gives the same completions as one process, seeded sampling included (tests/dist_grpo.py is the script
+both sides run)."""
 import os
 import subprocess
 import sys
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 import dist_grpo
-import grpo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,3 +50,9 @@ def test_two_sharded_ranks_update_and_generate_like_one_process(tmp_path):
         assert result["same_sampled"], rank
     assert [r["calls"] for r in sharded["generate"]] == [2, 1]
     assert sharded["generate"][0]["width"] != sharded["generate"][1]["width"]
+    # the same seeds draw the same samples on one process as on two ranks
+    everything = dist_grpo.seeded(model, tokenizer, dist_grpo.seeded_batch(tokenizer), dist_grpo.SEEDS)
+    for rank, result in enumerate(sharded["generate"]):
+        rows = torch.tensor([prompt * 3 + j for prompt in range(rank, len(dist_grpo.SEEDS), 2) for j in range(3)])
+        width = result["seeded"].shape[1]
+        assert torch.equal(result["seeded"], everything[rows, :width]) and not everything[rows, width:].any()

@@ -137,14 +137,17 @@ def test_update_does_not_depend_on_the_budget_or_the_path(family, tokenizer):
 
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
 def test_shared_prefill_and_micro_batches_give_the_same_greedy_completions(family, tokenizer):
-    """One generate call over every prompt repeated n times (today's way) against one prefill per prompt with its
-    KV cache copied n times, in micro-batches of 1 and 2 prompts bucketed by length."""
+    """transformers' generate (--rollout-engine hf): one call over every prompt repeated n times against one
+    prefill per prompt with its KV cache copied n times, in micro-batches of 1 and 2 prompts bucketed by length.
+    (The rollout engine against generate: tests/test_engine.py.)"""
     model = build_model(family, tokenizer).eval()
     batch = five_prompts(family, tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    expected = grpo.generate_completions(model, batch, N, 8, 0.0, 1.0, eos, pad, None, shared_prompt=False)
+    expected = grpo.generate_completions(model, batch, N, 8, 0.0, 1.0, eos, pad, None, shared_prompt=False,
+                                         engine="hf")
     assert expected[1].sum(1).min() >= 1 and len({tuple(row) for row in expected[0].tolist()}) > 1
     for shared, micro_batch_size in ((True, None), (True, 1), (True, 2), (False, 2)):
-        got = grpo.generate_completions(model, batch, N, 8, 0.0, 1.0, eos, pad, micro_batch_size, shared)
+        got = grpo.generate_completions(model, batch, N, 8, 0.0, 1.0, eos, pad, micro_batch_size, shared,
+                                        engine="hf")
         for a, b in zip(got, expected):
             assert torch.equal(a, b), (shared, micro_batch_size)

@@ -163,21 +163,42 @@ def test_tsv_eval_of_a_model_that_always_answers_A(tmp_path, monkeypatch):
     forced = processor.tokenizer("<think>It is on the left.</think> \\boxed{A. Left}")["input_ids"]
     seen = []
 
-    def always_a(model, processor, batch, max_new_tokens):
-        seen.append(batch["input_ids"].shape[0])
+    def always_a(model, processor, batch, max_new_tokens, **options):
+        seen.append((batch["input_ids"].shape[0], options["engine"], options["micro_batch_size"]))
         return torch.tensor([forced] * batch["input_ids"].shape[0])
 
     monkeypatch.setattr(ssrl, "generate_greedy", always_a)
-    args = ssrl.parse_args(["--eval-batch-size", "3"])
     dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
-    result = ssrl.evaluate_tsv(args, dist, model, processor, tmp_path / "bench.tsv")
-    assert result == {"accuracy": 4 / 7, "format": 1.0, "n": 7, "skipped": 0}
-    assert seen == [3, 3, 1]
+    for engine, calls in (("hf", [3, 3, 1]), ("ssrl", [7])):   # the engine: 4 batches a call, 3 prompts in flight
+        seen.clear()
+        args = ssrl.parse_args(["--eval-batch-size", "3", "--rollout-engine", engine])
+        result = ssrl.evaluate_tsv(args, dist, model, processor, tmp_path / "bench.tsv")
+        assert result == {"accuracy": 4 / 7, "format": 1.0, "n": 7, "skipped": 0}
+        assert seen == [(size, engine, 3) for size in calls]
     # VLMEvalKit's matching (tasks.can_infer) on the last box: a letter, an option's text
     record = {"meta": {"choices": {"A": "Left", "C": "Front"}}, "answer": "C"}
     assert tasks.score_mcq("<think></think>\\boxed{Front}", record) == (1.0, "C")
     assert tasks.score_mcq("\\boxed{(C)}", record) == (1.0, "C")
     assert tasks.score_mcq("\\boxed{A or C}", record) == (0.0, None)
+
+
+def test_engine_calls_of_several_batches_answer_as_a_call_per_batch_does(tmp_path, monkeypatch):
+    """Evaluation on the engine takes ENGINE_EVAL_BATCHES batches a call, slots refilled as answers end: the shipped
+    base's greedy answers (which end at different lengths) are those of one engine call per batch and of
+    transformers' generate, held-out prompts of all five tasks, 3 per batch."""
+    _, held_out = tiny_dataset(str(tmp_path / "data"), per_task=1, eval_per_task=3)
+    args = ssrl.parse_args(["--eval-batch-size", "3", "--max-response-length", "48", "--out", str(tmp_path / "out")])
+    dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
+    model, processor, _ = ssrl.load_model(args, dist)
+    answers = {}
+    for engine, batches in (("ssrl", 4), ("ssrl", 1), ("hf", 1)):
+        monkeypatch.setattr(ssrl, "ENGINE_EVAL_BATCHES", batches)
+        args.rollout_engine = engine
+        answered, _ = ssrl.generate_answers(args, dist, model, processor, held_out, args.min_pixels, args.max_pixels)
+        answers[engine, batches] = [text for _, text, _ in answered]
+    lengths = [len(processor.tokenizer(text)["input_ids"]) for text in answers["ssrl", 4]]
+    assert len(answers["ssrl", 4]) == 15 and len(set(lengths)) >= 3
+    assert answers["ssrl", 4] == answers["ssrl", 1] == answers["hf", 1]
 
 
 def test_tiny_presets_have_their_own_defaults_and_user_flags_win():
@@ -206,7 +227,8 @@ def test_user_mistakes_give_one_line_errors(tmp_path):
     cases = [(["--model", "gpt-5"], "unknown --model 'gpt-5'"),
              (["--model", str(tmp_path)], "is not a model folder"),
              (["--resume", str(tmp_path / "nothing")], "no such checkpoint folder"),
-             (["--sft-micro-batch-size", "0"], "must be at least 1")]
+             (["--sft-micro-batch-size", "0"], "must be at least 1"),
+             (["--compile-decode"], "needs a GPU and --rollout-engine ssrl")]
     half = tmp_path / "run" / "checkpoint-5"
     half.mkdir(parents=True)
     (half / "config.json").write_text("{}")
