@@ -1137,6 +1137,8 @@ def _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, bat
     local["sequences"] = len(scores)
     local["groups"] = grouped.shape[0]
     local["groups_zero_std"] = float((grouped.amax(1) == grouped.amin(1)).sum())
+    for group, spread in enumerate((grouped.amax(1) > grouped.amin(1)).tolist()):   # groups that carry a gradient
+        local[f"sum/signal/{tasks[group]}"] += spread
     local["sum/reward_std"] = float(grouped.std(1).sum())
     local["sum/length"] = float(lengths.sum())
     local["sum/terminated_length"] = float(lengths[~truncated].sum())
@@ -1177,6 +1179,8 @@ def _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, bat
         metrics[f"reward/{task}"] = total[f"sum/overall/{task}"] / task_count
         metrics[f"accuracy/{task}"] = total[f"sum/accuracy/{task}"] / task_count
         metrics[f"format/{task}"] = total[f"sum/format/{task}"] / task_count
+        # the task's learning signal: the share of its groups whose rewards differ (a non-zero advantage)
+        metrics[f"signal/{task}"] = total.get(f"sum/signal/{task}", 0.0) / (task_count / n)
     return metrics
 
 

@@ -1307,7 +1307,17 @@ def plot_metrics(run_dir):
                         "completions/mean_length") if any(k in r for r in rows)]
     evaluations = {stage: json.loads((Path(run_dir) / f"eval-{stage}.json").read_text())
                    for stage in ("base", "sft", "grpo") if (Path(run_dir) / f"eval-{stage}.json").is_file()}
-    panels = len(keys) + bool(evaluations)
+    # held-out greedy accuracy per task across GRPO: the cold start's, every --eval-steps, and the end's
+    curves = defaultdict(list)
+    grpo_steps = [r["step"] for r in rows if r.get("stage") == "grpo" and "grpo_step" in r]
+    if grpo_steps and any(key.startswith("eval/accuracy/") for r in rows for key in r):
+        marks = [(grpo_steps[0] - 1, evaluations.get("sft"))] + [
+            (r["step"], {key.split("/")[-1]: {"accuracy": value} for key, value in r.items()
+                         if key.startswith("eval/accuracy/")}) for r in rows if "eval/accuracy/all" in r]
+        for step, results in marks + [(grpo_steps[-1], evaluations.get("grpo"))]:
+            for task in [t for t in tasks.TASKS if results and t in results]:
+                curves[task].append((step, results[task]["accuracy"]))
+    panels = len(keys) + bool(evaluations) + bool(curves)
     columns = min(panels, 4) or 1
     rows_of_panels = -(-panels // columns) or 1
     figure, axes = plt.subplots(rows_of_panels, columns, figsize=(4 * columns, 3.2 * rows_of_panels), squeeze=False)
@@ -1334,6 +1344,14 @@ def plot_metrics(run_dir):
                      label="chance", zorder=3)
         axis.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=30)
         axis.set_title("held-out accuracy")
+        axis.legend(fontsize="small")
+    if curves:
+        axis = axes.flat[len(keys) + bool(evaluations)]
+        for i, (task, points) in enumerate(curves.items()):
+            axis.plot(*zip(*points), marker="o", markersize=3, label=task, color=f"C{i}")
+            axis.axhline(tasks.TASKS[task].chance, color=f"C{i}", linestyle=":", linewidth=0.8)
+        axis.set_title("held-out accuracy in GRPO (dotted: chance)")
+        axis.set_xlabel("step")
         axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(Path(run_dir) / "metrics.png", dpi=100)

@@ -371,8 +371,10 @@ def test_grpo_step_runs_and_reports(tokenizer):
     for key in ("reward", "reward_std", "accuracy", "format", "frac_reward_zero_std", "kl", "entropy", "grad_norm",
                 "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/dual_mean", "completions/mean_length",
                 "completions/max_length", "completions/clipped_ratio", "tokens_per_second", "time/generate",
-                "time/reward", "time/logprobs", "time/update", "reward/colour", "accuracy/colour", "format/colour"):
+                "time/reward", "time/logprobs", "time/update", "reward/colour", "accuracy/colour", "format/colour",
+                "signal/colour"):
         assert math.isfinite(metrics[key]), key
+    assert metrics["signal/colour"] == 1 - metrics["frac_reward_zero_std"]    # one task: its groups are all groups
     assert metrics["num_updates"] == 2 and metrics["num_skipped_updates"] == 0
     assert metrics["entropy"] > 0 and metrics["completions/clipped_ratio"] <= 1
     assert policy.training and any(not torch.equal(a, b) for a, b in zip(before, parameters(policy)))
@@ -390,6 +392,22 @@ def test_equal_rewards_leave_the_policy_unchanged(tokenizer, monkeypatch):
     metrics, _ = grpo.grpo_step(policy, None, optimizer, batch, answers, tasks, tokenizer, cfg)
     assert metrics["frac_reward_zero_std"] == 1.0 and metrics["loss"] == 0.0 and metrics["grad_norm"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, parameters(policy)))
+
+
+def test_signal_is_the_share_of_each_tasks_groups_with_a_reward_spread(tokenizer, monkeypatch):
+    """signal/<task>: task "spread" scores [1, 0, 0] in every group, task "flat" 0.1 throughout: 1.0 and 0.0."""
+    policy = build_model("qwen2.5-vl", tokenizer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    batch, _, _ = colour_batch(tokenizer)
+    calls = iter(range(1000))      # responses are scored in order, a group's n together
+    monkeypatch.setattr(grpo, "task_reward", lambda response, answer: (
+        {"overall": float(next(calls) % 3 == 0), "format": 1.0, "accuracy": 0.0} if answer == "spread"
+        else {"overall": 0.1 + 0 * next(calls), "format": 1.0, "accuracy": 0.0}))
+    cfg = grpo.GRPOConfig(num_generations=3, max_new_tokens=6, kl_coef=0.0)
+    names = ["spread", "flat", "spread", "flat"]
+    metrics, _ = grpo.grpo_step(policy, None, optimizer, batch, names, names, tokenizer, cfg)
+    assert metrics["signal/spread"] == 1.0 and metrics["signal/flat"] == 0.0
+    assert metrics["frac_reward_zero_std"] == 0.5
 
 
 def test_non_finite_loss_skips_the_update_and_counts_it(tokenizer, monkeypatch):

@@ -297,7 +297,7 @@ def test_a_sixth_task_is_one_function_and_one_entry(tmp_path, monkeypatch):
     data, out = tmp_path / "data", tmp_path / "run"
     ssrl.main(["--model", "tiny-qwen2.5-vl", "--init", "random", "--tasks", "corner", "--data", str(data),
                "--out", str(out), "--stage", "sft", "--per-task", "32", "--eval-per-task", "8",
-               "--sft-num-train-epochs", "6", "--save-steps", "100"])
+               "--sft-num-train-epochs", "6", "--sft-data-fraction", "1", "--save-steps", "100"])
     records = tasks.load_records(data, "train")
     assert len(records) == 32 and {r["task"] for r in records} == {"corner"}
     for record in records[:8]:     # the answer names the corner the square was pasted in

@@ -20,7 +20,7 @@ def test_cold_start_drives_format_on_held_out_prompts_above_95_percent(tmp_path)
     # decoding looping ("2-1-1-1-...", no </think>) on crop and position; 125 steps of 8 at 5e-3, in about the same
     # compute, reached ~0.4 and format 1.0 on two seeds.
     ssrl.main(["--model", "tiny-qwen2.5-vl", "--init", "random", "--stage", "sft", "--data", str(data), "--out",
-               str(out), "--sft-num-train-epochs", "6",
+               str(out), "--sft-num-train-epochs", "6", "--sft-data-fraction", "1",
                "--sft-global-batch-size", "8", "--sft-micro-batch-size", "8", "--sft-learning-rate", "5e-3",
                "--max-response-length", "96", "--eval-batch-size", "30", "--save-steps", "1000"])
     base = json.loads((out / "eval-base.json").read_text())
@@ -41,7 +41,8 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatc
     data = tmp_path / "data"
     tiny_dataset(str(data), per_task=8, eval_per_task=1, seed=6)
     flags = ["--stage", "sft", "--data", str(data), "--sft-global-batch-size", "8", "--sft-micro-batch-size", "3",
-             "--sft-num-train-epochs", "1", "--save-steps", "2", "--save-limit", "2", "--max-response-length", "4"]
+             "--sft-num-train-epochs", "1", "--sft-data-fraction", "1", "--save-steps", "2", "--save-limit", "2",
+             "--max-response-length", "4"]
     ssrl.main(flags + ["--out", str(tmp_path / "straight")])
 
     real_save = ssrl.save_checkpoint

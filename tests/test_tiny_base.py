@@ -113,7 +113,8 @@ def test_pretrain_stage_writes_a_base_the_recipe_trains_from(tmp_path):
     assert set(recipe["held_out"]) >= set(tiny.PRETRAIN_EVAL_KINDS)
     assert ssrl.is_tiny(str(tmp_path / "base"))
     ssrl.main(["--model", str(tmp_path / "base"), "--stage", "sft", "--data", str(tmp_path / "data"), "--per-task",
-               "8", "--eval-per-task", "2", "--max-response-length", "16", "--out", str(tmp_path / "run")])
+               "8", "--eval-per-task", "2", "--max-response-length", "16", "--sft-data-fraction", "1",
+               "--sft-num-train-epochs", "1", "--out", str(tmp_path / "run")])
     state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["stage"] == "sft" and state["args"]["tiny"]
 
@@ -125,7 +126,8 @@ def test_cold_start_from_the_base_teaches_depth_ordering(tmp_path):
     held-out prompts in 54 s on one core; from random init the same task stayed at chance through 2,000 steps."""
     torch.set_num_threads(1)
     ssrl.main(["--stage", "sft", "--tasks", "depth", "--per-task", "2400", "--eval-per-task", "60", "--data",
-               str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--save-steps", "1000"])
+               str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--save-steps", "1000", "--sft-data-fraction", "1",
+               "--sft-num-train-epochs", "1"])
     base = json.loads((tmp_path / "run" / "eval-base.json").read_text())["depth"]
     after = json.loads((tmp_path / "run" / "eval-sft.json").read_text())["depth"]
     assert base["accuracy"] < 0.1 and after["n"] == 60
