@@ -1107,6 +1107,7 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
     print0(f"grpo: {args.max_steps} steps of {args.rollout_batch_size} prompts x {args.num_generations} responses, "
            f"{cfg.updates_per_step} update(s) per step, {len(train_records)} prompts", dist=dist)
     progress = Progress(args.max_steps, grpo_step, "grpo", dist)
+    chosen = None      # auto: the prompts in flight last printed
     while grpo_step < args.max_steps:
         records, images, skipped = rollout_prompts(args, dist, train_records, grpo_step, steps_per_epoch)
         # each prompt's samples seeded by (seed, step, its index in the step's global batch: rank r holds r, r + world,
@@ -1125,6 +1126,10 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
         row = {"stage": "grpo", "step": step, "grpo_step": grpo_step, "learning_rate": scheduler.get_last_lr()[0],
                "skipped_records": grpo.all_reduce([skipped], device=dist.device)[0], **step_metrics}
         metrics.log(row)
+        if cfg.auto_rollout_micro_batch and row["rollout_micro_batch_size"] != chosen:
+            chosen = row["rollout_micro_batch_size"]
+            print0(f"grpo step {grpo_step}: {chosen:.0f} prompts in flight per rank (auto, from free memory)",
+                   dist=dist)
         progress.update(row, every=args.logging_steps)
         if args.rollout_save_steps and grpo_step % args.rollout_save_steps == 0:
             write_rollouts(args, dist, grpo_step, records, rollouts)
@@ -1155,9 +1160,10 @@ def decode_options(args, batch_size):
                 max_prefill_tokens=args.max_tokens_per_micro_batch)
 
 
-def eval_batch_size(args, dist, model, processor, records, min_pixels, max_pixels, resize=None):
+def eval_batch_size(args, dist, model, processor, records, min_pixels, max_pixels, resize=None, samples=0):
     """--eval-batch-size, or with auto: on CUDA as many prompts in flight as fit the free memory with the model
-    gathered (grpo.memory_micro_batch, one response of up to --max-response-length each) at the longest prompt of
+    gathered (grpo.memory_micro_batch, max(1, `samples`) responses of up to --max-response-length each: the sampled
+    pass holds K slots per prompt, the greedy one 1) at the longest prompt of
     `records` (from their image headers; --max-prompt-length when none can be read), printed; elsewhere
     FALLBACK_EVAL_BATCH."""
     if args.eval_batch_size != "auto":
@@ -1171,8 +1177,9 @@ def eval_batch_size(args, dist, model, processor, records, min_pixels, max_pixel
         except tasks.BadRecord:
             pass
     longest = longest or args.max_prompt_length
-    size = grpo.memory_micro_batch(model, dist.device, longest, 1, args.max_response_length, FALLBACK_EVAL_BATCH,
-                                   len(records), args.rollout_engine, args.max_tokens_per_micro_batch)
+    size = grpo.memory_micro_batch(model, dist.device, longest, max(1, samples), args.max_response_length,
+                                   FALLBACK_EVAL_BATCH, len(records), args.rollout_engine,
+                                   args.max_tokens_per_micro_batch)
     print(f"eval (rank {dist.rank}): {size} prompts in flight (auto, {longest}-token prompts)", flush=True)
     return size
 
@@ -1218,7 +1225,7 @@ def generate_answers(args, dist, model, processor, records, min_pixels, max_pixe
     share = records[dist.rank::dist.world]
     answers, skipped = [], 0
     with grpo.gathered(model):
-        batch_size = eval_batch_size(args, dist, model, processor, share, min_pixels, max_pixels, resize)
+        batch_size = eval_batch_size(args, dist, model, processor, share, min_pixels, max_pixels, resize, samples)
         options = decode_options(args, batch_size)
         per_call = batch_size * (ENGINE_EVAL_BATCHES if args.rollout_engine == "ssrl" else 1)
         batches = call_batches(sorted(share, key=sort_key, reverse=True) if sort_key else share, per_call)
