@@ -43,6 +43,7 @@ gathered per layer as usual, so every rank runs the same number of them (padded 
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 import types
@@ -61,8 +62,9 @@ from tasks import BadRecord, extract_boxed, make_prompt, reward as task_reward
 
 # kernels.fused_logprobs path of every log-prob pass (SFT, old, reference, policy): None picks by device (Triton on
 # CUDA, the chunked PyTorch fallback on a CPU); "torch", "triton" or "reference" force one. "reference" materialises
-# [tokens x vocab] logits: bench/grpo.py sets it to time the step with the fused log-probs off.
-LOGPROBS_IMPL = None
+# [tokens x vocab] logits: bench/grpo.py sets it to time the step with the fused log-probs off; the environment
+# variable SSRL_LOGPROBS_IMPL sets it for a whole run (bench/gpu_check.py, where Triton cannot build its launcher).
+LOGPROBS_IMPL = os.environ.get("SSRL_LOGPROBS_IMPL") or None
 
 
 @dataclasses.dataclass
@@ -78,6 +80,7 @@ class GRPOConfig:
     updates_per_step: int = 2         # rollout 256 prompts / update 128 prompts
     rollout_engine: str = "ssrl"      # "ssrl" (engine_generate) or "hf" (transformers' generate, the reference)
     rollout_micro_batch_size: int = 8  # prompts in flight, n slots each (hf: prompts per generate call)
+    auto_rollout_micro_batch: bool = False  # on CUDA, as many as fit free memory (memory_micro_batch); else the above
     compile_decode: bool = False      # the engine's decode step replayed as a captured CUDA graph (CUDA only)
     max_tokens_per_micro_batch: int = 16384  # padded tokens per forward in the log-prob and update passes
     shared_prompt: bool = True        # each group as one packed row [prompt, r_1..r_n]; False: a row per response
@@ -222,8 +225,11 @@ def _trim_left_padding(batch):
 
 
 def _model_inputs(batch):
-    return {key: batch[key] for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
-                                        "image_grid_thw") if key in batch}
+    """The model's inputs of a prompt batch, on the device of its token ids: a step's pixels stay on the host
+    (ssrl.to_device) and come to the device one micro-batch at a time."""
+    device = batch["input_ids"].device
+    return {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "mm_token_type_ids",
+                                                   "pixel_values", "image_grid_thw") if key in batch}
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Rollouts: the policy gathered once, n responses per prompt, sampled the same way on either engine
@@ -414,7 +420,8 @@ def _sample(model, prompts, n, shared, kwargs):
     # prefill stops one token short: generate then feeds the last prompt token itself and samples from its logits.
     # Only the last position's logits are made (logits_to_keep): [b, P, 151,936] in bf16 would be 2.4 GB per 8k tokens.
     head = {key: prompts[key][:, :-1] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    images = {key: prompts[key] for key in ("pixel_values", "image_grid_thw") if key in prompts}
+    images = {key: prompts[key].to(head["input_ids"].device) for key in ("pixel_values", "image_grid_thw")
+              if key in prompts}
     core = model.model
     core.rope_deltas = None     # the prefill sets it (M-RoPE offset of the text after the images); none without images
     cache = model(**head, **images, use_cache=True, logits_to_keep=1).cache
@@ -644,20 +651,56 @@ def rollout_kv_tokens(prompts, prompt_tokens, n, max_new_tokens, engine="ssrl"):
     return (1 + engine_rows(prompts, n)) * prompt_tokens + prompts * n * max_new_tokens
 
 
-def rollout_prompts_for_memory(model, prompt_tokens, n, max_new_tokens, device, engine="ssrl", fraction=0.5):
-    """The most prompts in flight (hf: per generate call) whose KV cache (rollout_kv_tokens) fits `fraction` of the
-    device's free memory, counting what the caching allocator holds unused as free; the rest is for the prefill's
-    activations (the vision tower over the admitted prompts' images, the MLP over their tokens) and the logits.
-    Bytes per value from the parameters' dtype: fp32 master weights count a bf16 cache twice, on the safe side.
-    None off CUDA. No flag sizes the rollout by it yet (the presets keep their fixed sizes)."""
-    if device.type != "cuda":
-        return None
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    per_token = kv_bytes_per_token(model.config, torch.finfo(next(model.parameters()).dtype).bits // 8)
+def rollout_bytes(config, prompts, prompt_tokens, n, max_new_tokens, itemsize, engine="ssrl",
+                  max_prefill_tokens=16384):
+    """Device bytes beyond the gathered model that a rollout needs at most with `prompts` prompts in flight (hf: per
+    generate call) of up to `prompt_tokens` tokens, n samples of up to `max_new_tokens` each, `itemsize` bytes per
+    value (the gathered model's dtype), from the model config:
+      KV cache   rollout_kv_tokens x kv_bytes_per_token: the engine's rows and slots, or generate's n x (P + T) each
+      prefill    for the prompts prefilled at once (hf: the call's; the engine: as many as fit max_prefill_tokens
+                 padded tokens): their own KV cache before it is copied into the engine's rows (hf: n times), per
+                 prompt token the largest transient of one decoder layer (residual, normed input, q, k, v, o, and
+                 the MLP's gate, up and product: ~(6 D + 3 I) values) or of one vision block over its merged
+                 patches, whichever is larger (the tower runs first), and their pixels in fp32 (as if every prompt
+                 token were a merged visual token: on the safe side)
+      sampling   per sample in flight a row over the vocabulary eight times in fp32: the model's logits, their fp32
+                 copy, scaled, log-softmax, suppressed, probabilities and the fp64 cumulative sum (sample_tokens)"""
+    text, vision = config.get_text_config(), config.vision_config
+    merge = vision.spatial_merge_size ** 2
+    kv_per_token = kv_bytes_per_token(config, itemsize)
+    prefilled = prompts if engine == "hf" else min(prompts, max(1, max_prefill_tokens // max(prompt_tokens, 1)))
+    decoder = (6 * text.hidden_size + 3 * text.intermediate_size) * itemsize
+    tower = merge * (6 * vision.hidden_size + 3 * vision.intermediate_size) * itemsize
+    pixels = merge * 3 * vision.temporal_patch_size * vision.patch_size ** 2 * 4
+    prefill = prefilled * prompt_tokens * (kv_per_token + max(decoder, tower) + pixels)
+    sampling = prompts * n * text.vocab_size * 4 * 8
+    return rollout_kv_tokens(prompts, prompt_tokens, n, max_new_tokens, engine) * kv_per_token + prefill + sampling
+
+
+def fitting_prompts(free_bytes, total_bytes, bytes_for, limit):
+    """The most prompts m in [1, limit] whose bytes_for(m) fit `free_bytes` less a spare of max(2 GiB, 5% of the
+    device's `total_bytes`) for what the arithmetic leaves out (allocator rounding, a decode step's activations,
+    generate's cache growing by concatenation)."""
+    budget = free_bytes - max(2 << 30, total_bytes // 20)
     prompts = 1
-    while rollout_kv_tokens(prompts + 1, prompt_tokens, n, max_new_tokens, engine) * per_token <= free * fraction:
+    while prompts < limit and bytes_for(prompts + 1) <= budget:
         prompts += 1
     return prompts
+
+
+def memory_micro_batch(model, device, prompt_tokens, n, max_new_tokens, fallback, limit, engine="ssrl",
+                       max_prefill_tokens=16384):
+    """Prompts in flight (hf: per generate call) for prompts of up to `prompt_tokens` (the longest: the engine's
+    rows and generate's calls are as wide as it) with n samples of up to `max_new_tokens`: on CUDA the most, up to
+    `limit`, whose rollout_bytes fit the memory free now (call it with the model gathered: what generation will
+    have), counting what the caching allocator holds unused as free; elsewhere `fallback`."""
+    if device.type != "cuda":
+        return fallback
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    itemsize = model.get_input_embeddings().weight.element_size()       # gathered: the compute dtype
+    return fitting_prompts(free, total, lambda prompts: rollout_bytes(
+        model.config, prompts, prompt_tokens, n, max_new_tokens, itemsize, engine, max_prefill_tokens), limit)
 
 
 @dataclasses.dataclass
@@ -917,7 +960,7 @@ def pack(model, rollouts, rows):
             token_of.append(torch.arange(tokens))
             start += tokens
     inputs = {"input_ids": input_ids.to(device), "mm_token_type_ids": token_types.to(device)}
-    inputs.update({key: images[key] for key in ("pixel_values", "image_grid_thw") if key in images})
+    inputs.update({key: images[key].to(device) for key in ("pixel_values", "image_grid_thw") if key in images})
     if shared:
         query, key = segment[:, :, None], segment[:, None, :]                                # [rows, L, L] below
         causal = torch.ones(width, width, dtype=torch.bool).tril()                           # [L, L]
@@ -1083,11 +1126,15 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
 
     times = {"start": _clock(device)}
     with gathered(policy):   # one all-gather for the rollouts and the old log-probs
-        # 1. n responses per prompt
+        # 1. n responses per prompt, as many prompts in flight as the flag says or (auto) as fit the memory left
+        micro = cfg.rollout_micro_batch_size
+        if cfg.auto_rollout_micro_batch:
+            micro = memory_micro_batch(policy, device, int(batch["attention_mask"].sum(1).max()), n,
+                                       cfg.max_new_tokens, micro, len(answers), cfg.rollout_engine,
+                                       cfg.max_tokens_per_micro_batch)
         completion_ids, completion_mask, truncated = generate_completions(
             policy, batch, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, sorted(eos_ids - {None}), pad_id,
-            cfg.rollout_micro_batch_size, cfg.shared_prompt, seeds, cfg.rollout_engine, cfg.compile_decode,
-            cfg.max_tokens_per_micro_batch)
+            micro, cfg.shared_prompt, seeds, cfg.rollout_engine, cfg.compile_decode, cfg.max_tokens_per_micro_batch)
         times["generated"] = _clock(device)
         # 2. rewards
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -1111,7 +1158,7 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
     policy.train(was_training)
     times["updated"] = _clock(device)
 
-    metrics = _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, batch, n, times)
+    metrics = _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, batch, n, micro, times)
     metrics.update(update_metrics, shared_prompt=float(cfg.shared_prompt))
     prompt_texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
     lengths = completion_mask.sum(1)                                                          # [B*n]
@@ -1123,7 +1170,7 @@ def grpo_step(policy, reference, optimizer, batch, answers, tasks, tokenizer, cf
     return metrics, records
 
 
-def _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, batch, n, times):
+def _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, batch, n, micro, times):
     """The step's figures over all ranks, under TRL's names where TRL has one (reward, reward_std,
     frac_reward_zero_std, completions/...), per task too; sums on this rank first, then over ranks."""
     lengths = completion_mask.sum(1)                                                          # [B*n]
@@ -1147,6 +1194,7 @@ def _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, bat
     local["empty"] = float(sum(text.strip() == "" for text in texts))
     local["max/length"] = float(lengths.max())
     local["max/neg_min_length"] = -float(lengths.min())
+    local["max/neg_micro_batch"] = -float(micro or batch["input_ids"].shape[0])
     # tokens a step covers, counted the same way on either path: each response with its own prompt
     local["tokens"] = float(batch["attention_mask"].sum() * n + lengths.sum())
     total = _gather_sums(dict(local))
@@ -1167,6 +1215,7 @@ def _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, bat
         "completions/clipped_ratio": total["truncated"] / count,
         "completions/num_truncated": total["truncated"],
         "completions/num_empty": total["empty"],
+        "rollout_micro_batch_size": -total["max/neg_micro_batch"],     # the smallest any rank chose
         "tokens_per_second": total["tokens"] / step_time,
         "time/generate": times["generated"] - times["start"],
         "time/reward": times["rewarded"] - times["generated"],

@@ -20,6 +20,7 @@ Everything a run writes goes under --out: metrics.jsonl, eval-<stage>.json, chec
 dataset without an eval split) and bench-<name>.json (--eval-bench).
 """
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -38,13 +39,15 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 from PIL import Image
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm.auto import tqdm
-from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen3VLConfig,
-                          Qwen3VLProcessor, get_constant_schedule, get_constant_schedule_with_warmup,
-                          get_cosine_schedule_with_warmup)
+from torch.distributed.tensor import DTensor
+from transformers import (AttentionInterface, AutoConfig, AutoModelForImageTextToText, GenerationConfig,
+                          Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen3VLConfig, Qwen3VLProcessor, get_constant_schedule,
+                          get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging as transformers_logging
@@ -65,17 +68,28 @@ PRESETS = {  # name -> (family, hub id); the tiny ones are built from a config i
     "qwen3-vl-4b": ("qwen3_vl", "Qwen/Qwen3-VL-4B-Instruct"),
 }
 
-# Prompts in flight per rank (--rollout-micro-batch-size), each with its n = 5 responses, sized so that `generate`'s
-# KV cache (--rollout-engine hf, one call of that many prompts) stays within ~12-14 GB of an 80 GB GPU: a 5-image crop
-# prompt is ~2,000 tokens at 512 px and responses run to 2,048, so 5 x 4,096 tokens x grpo.kv_bytes_per_token per
-# prompt: 3B 0.76 GB -> 16 prompts, 7B 1.17 GB -> 12, Qwen3-VL-4B 3.02 GB -> 4. The rollout engine holds each prompt
-# once (grpo.rollout_kv_tokens: 1.5 x 2,000 + 5 x 2,048 per prompt, 0.65 of that), so the same sizes leave it room
-# (`python -m bench.memory` adds up everything else a GPU holds meanwhile).
-PRESET_DEFAULTS = {
-    "qwen2.5-vl-3b": dict(rollout_micro_batch_size=16),
-    "qwen2.5-vl-7b": dict(rollout_micro_batch_size=12),
-    "qwen3-vl-4b": dict(rollout_micro_batch_size=4),
-}
+# Prompts in flight per rank (--rollout-micro-batch-size), each with its n = 5 responses, and prompts per evaluation
+# call (--eval-batch-size). The paper presets default to "auto": on CUDA, with the policy gathered, as many as the
+# free memory holds at the batch's longest prompt (grpo.memory_micro_batch: the KV cache of the engine in use, the
+# prefill's transient, sampling, pixels; max(2 GiB, 5%) kept spare): ~18 prompts for 3B on one 80 GB GPU at
+# 2,000-token prompts and 2,048-token responses (`python -m bench.memory`). Off CUDA each preset falls back to what
+# keeps `generate`'s KV cache (the larger engine's) within ~12-14 GB: n x 4,096 tokens x grpo.kv_bytes_per_token per
+# prompt, 3B 0.76 GB -> 16 prompts, 7B 1.17 GB -> 12, Qwen3-VL-4B 3.02 GB -> 4; evaluation 16.
+PRESET_DEFAULTS = {name: dict(rollout_micro_batch_size="auto", eval_batch_size="auto")
+                   for name in ("qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-4b")}
+FALLBACK_MICRO_BATCH = {"qwen2.5-vl-3b": 16, "qwen2.5-vl-7b": 12, "qwen3-vl-4b": 4}   # and 4 for any other model
+FALLBACK_EVAL_BATCH = 16
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}    # --save-dtype
+
+
+def micro_batch_flag(text):
+    """A micro-batch flag's value: a number, or "auto" (from free GPU memory)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
 
 
 class UserError(Exception):
@@ -151,8 +165,9 @@ def build_parser():
     add("--max-pixels", type=int, default=2048 * 2048, help="max_pixels for GRPO rollouts and evaluation")
     add("--max-prompt-length", type=int, default=4096, help="prompts longer than this are dropped (counted), never cut")
     add("--max-response-length", type=int, default=2048, help="max new tokens when generating")
-    add("--eval-batch-size", type=int, default=16, help="prompts per generate call per rank (the engine: prompts "
-        "in flight, ENGINE_EVAL_BATCHES batches a call)")
+    add("--eval-batch-size", type=micro_batch_flag, default=16, help="prompts per generate call per rank (the "
+        "engine: prompts in flight, ENGINE_EVAL_BATCHES batches a call), or auto (as --rollout-micro-batch-size with "
+        "one response each; the paper presets' default)")
     add("--eval-limit", type=int, default=None, help="evaluate at most this many held-out samples per task")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute each layer's activations in backward: one 4k-token crop sequence on 7B holds ~42 GB without")
@@ -172,9 +187,10 @@ def build_parser():
     add("--clip-ratio-high", type=float, default=0.3, help="ratio clipped above at 1 + this")
     add("--clip-ratio-dual", type=float, default=3.0, help="dual clip: loss bound -c*A for negative advantages")
     add("--kl-coef", type=float, default=1e-2, help="weight of the k3 KL to the reference in the loss (0: no reference)")
-    add("--rollout-micro-batch-size", type=int, default=4, help="prompts in flight per rank, n slots each, refilled "
-        "as samples end (--rollout-engine hf: prompts per generate call); the paper presets set their own "
-        "(PRESET_DEFAULTS: what fits an 80 GB GPU)")
+    add("--rollout-micro-batch-size", type=micro_batch_flag, default=4, help="prompts in flight per rank, n slots "
+        "each, refilled as samples end (--rollout-engine hf: prompts per generate call), or auto: on CUDA as many as "
+        "fit the free memory for the engine in use, else the preset's fallback (the paper presets' default; "
+        "PRESET_DEFAULTS)")
     add("--rollout-engine", choices=("ssrl", "hf"), default="ssrl", help="rollouts and evaluation: ssrl (grpo."
         "engine_generate: each prompt once in the KV cache, a finished sample's slot refilled at once) or hf "
         "(transformers' generate, the reference); both sample the same way from the same seeds")
@@ -189,6 +205,8 @@ def build_parser():
     add("--rollout-save-steps", type=int, default=10, help="write OUT/rollouts/step-N.jsonl every N GRPO steps")
     add("--save-steps", type=int, default=15, help="save a checkpoint every N optimizer steps (and at each stage end)")
     add("--save-limit", type=int, default=3, help="keep the last K checkpoints")
+    add("--save-dtype", choices=tuple(SAVE_DTYPES), default="bf16", help="dtype of the from_pretrained weights in "
+        "each checkpoint (the trainer state beside them keeps the fp32 master weights either way); tiny presets: fp32")
     add("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
         help="continue from CHECKPOINT, or from the newest complete one under --out when given alone")
     # perception pre-training of a tiny base (--stage pretrain); its phases are PRETRAIN_PHASES
@@ -199,8 +217,8 @@ def build_parser():
     add("--logging-steps", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
     add("--report-to", choices=("none", "tensorboard", "wandb"), default="none",
         help="also send every metrics row to TensorBoard (OUT/tensorboard) or Weights & Biases (needs the package)")
-    add("--ddp-timeout", type=int, default=3600, help="seconds a collective may wait (checkpoints of 7B gather ~100 GB "
-        "of weights and Adam state to rank 0 while the others wait; torch's default is 600)")
+    add("--ddp-timeout", type=int, default=3600, help="seconds a collective may wait (rank 0 writes a checkpoint's "
+        "from_pretrained weights, 16.6 GB for 7B in bf16, while the others wait; torch's default is 600)")
     return p
 
 
@@ -218,13 +236,14 @@ def parse_args(argv=None):
         if args.eval:
             args.stage, args.model = "eval", eval_model
     args.tiny = small   # saved with each checkpoint, so that a checkpoint of a tiny model keeps the tiny defaults
+    args.fallback_micro_batch = FALLBACK_MICRO_BATCH.get(args.model, 4)   # auto's value where it cannot measure
     args.data = args.data or "data/ssrl"
     if not (args.model in PRESETS or Path(args.model).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
         raise UserError(f"unknown --model {args.model!r}: choose one of {', '.join(PRESETS)}, a model folder or a "
                         "hub id")
     for name in ("sft_global_batch_size", "sft_micro_batch_size", "eval_batch_size", "max_response_length",
                  "rollout_batch_size", "global_batch_size", "rollout_micro_batch_size", "max_tokens_per_micro_batch"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) != "auto" and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.layers is not None and (args.layers < 1 or args.init != "random"):
         raise UserError("--layers K needs --init random and K >= 1")
@@ -289,6 +308,7 @@ def compute_init(dtype="auto", timeout=3600):
     Threads: OMP_NUM_THREADS when set, else the cores this process may use shared among the local ranks (1 per
     rank on 2 cores): oversubscribed threads made steps 10-30x slower on a 2-core machine.
     """
+    cuda_allocator_settings()
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -310,6 +330,27 @@ def compute_init(dtype="auto", timeout=3600):
     return dist
 
 
+def cuda_allocator_settings():
+    """expandable_segments for CUDA's caching allocator, unless the user set its variable: the KV cache and every
+    generate call and micro-batch have their own sizes, which strands freed blocks of odd sizes in fixed segments;
+    expandable segments map more memory into one segment instead. torch reads the variable when the allocator
+    starts, so this runs before anything touches the GPU (PYTORCH_CUDA_ALLOC_CONF: the older name, still read)."""
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def adamw(parameters, learning_rate, weight_decay, fused=False):
+    """AdamW over the fp32 master weights; `fused` (pass it on CUDA) takes torch's fused kernel.
+
+    On CUDA torch defaults to the foreach implementation, whose step allocates `_foreach_sqrt(exp_avg_sq)`: an fp32
+    copy of every parameter it steps, 14 GiB for Qwen2.5-VL-3B on one GPU, enough to take a one-GPU 3B step past
+    80 GB. The fused kernel updates each tensor in place with no such copy (FSDP2's DTensor shards included). On the
+    CPU torch's default is the per-tensor loop (foreach kernels are CUDA-only), kept so that CPU runs compute as
+    they did; the fused update agrees with it to an ulp of the weight (tests/test_scale.py)."""
+    return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay,
+                             **({"fused": True} if fused else {}))
+
+
 def print0(*values, dist=None, **kwargs):
     if dist is None or dist.rank == 0:
         print(*values, **kwargs, flush=True)
@@ -324,12 +365,62 @@ def gather_objects(items, dist):
     return [item for part in gathered for item in part]
 
 
-def shard(model, compute_dtype, offload=False):
+def broadcast_object(value, dist):
+    """Rank 0's `value` (picklable) on every rank."""
+    if dist.world == 1:
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_every_rank(function, dist):
+    """function() on every rank; a UserError on any rank becomes the same UserError on all of them (naming the
+    first rank that had one), so that no rank waits at a collective for a rank that already stopped."""
+    result, error = None, None
+    try:
+        result = function()
+    except UserError as raised:
+        error = str(raised)
+    errors = gather_objects([error], dist)
+    failed = [rank for rank, message in enumerate(errors) if message]
+    if failed:
+        where = "" if dist.world == 1 else f"rank {failed[0]}{' (and others)' if len(failed) > 1 else ''}: "
+        raise UserError(where + errors[failed[0]])
+    return result
+
+
+def disk_leader(dist, folder):
+    """The lowest rank that sees `folder` on the same disk as this rank (a collective; 0 in one process): the one
+    rank that builds data, renames finished checkpoints and prunes old ones on that disk.
+
+    Nodes need not share a disk: each node's local rank 0 drops a probe file named with a token from rank 0 into
+    `folder`, and every rank takes the lowest rank among the probes it sees (every rank sees its own node's). On a
+    disk all nodes share that is rank 0 everywhere; on local disks, each node's local rank 0."""
+    if dist.world == 1:
+        return 0
+    import secrets
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    token = broadcast_object(secrets.token_hex(8), dist)
+    probe = folder / f".probe-{token}-{dist.rank}"
+    if dist.local_rank == 0:
+        probe.touch()
+    torch_dist.barrier()
+    leader = min(int(path.name.rsplit("-", 1)[1]) for path in folder.glob(f".probe-{token}-*"))
+    torch_dist.barrier()
+    if dist.local_rank == 0:
+        probe.unlink()
+    return leader
+
+
+def shard(model, compute_dtype, offload=False, materialize=None):
     """FSDP2: each vision block and decoder layer, then the root.
 
     Parameters keep their dtype in the shards (fp32 master weights for the policy, bf16 for the frozen reference)
     and are all-gathered in `compute_dtype`; gradients are reduced in fp32. The model code is untouched; grpo
-    gathers it whole for generation (grpo.gathered) and per layer for the training passes.
+    gathers it whole for generation (grpo.gathered) and per layer for the training passes. A model built on the meta
+    device is sharded there and its shards allocated, uninitialised, on `materialize` (broadcast_weights fills them).
     """
     kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
     if offload:   # parameters live on the CPU and are copied in per layer (used for the frozen reference)
@@ -339,6 +430,8 @@ def shard(model, compute_dtype, offload=False):
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if materialize is not None:
+        model.to_empty(device=materialize)
     # FSDP2 fixes each layer's gradient dtype at its lazy init, from the parameters that require grad then: run it
     # now, while every parameter does. Left to the first forward, a resumed run reaches it after the SFT freeze,
     # the frozen vision blocks record none, and GRPO's unfrozen ViT gradients then arrive in bf16 for fp32
@@ -447,22 +540,91 @@ def build_tiny(family="qwen2_5_vl", texts=None, seed=0):
     return model, processor
 
 
+# The name padded_vision_attention is registered under with transformers' AttentionInterface. It contains "flash" on
+# purpose: transformers 5.24 hands the vision tower's attention all windows of a block at once (the packed sequence
+# and its `cu_seqlens`) only when the name does (utils/generic.py `is_flash_attention_requested`; the vision
+# attention of models/qwen2_5_vl and models/qwen3_vl); any other name gets one call per window. It is set on the
+# vision config directly, because `set_attn_implementation` would try to import flash-attn for such a name.
+PADDED_VISION_ATTENTION = "flash_api_padded_sdpa"
+
+
+def padded_vision_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                            cu_seq_lens_q=None, **kwargs):
+    """The vision tower's attention over every window (Qwen2.5-VL's windowed blocks) or image (its full-attention
+    blocks, all of Qwen3-VL's) of a block in one SDPA call: the windows gathered into a batch padded to the longest,
+    a key mask hiding the padding. query, key, value [1, heads, L, head dim] packed; returns [1, L, heads, head dim].
+
+    Why padded windows, not a block-diagonal mask over the packed sequence: that mask is L x L, and L is every patch
+    of a generate call's images (16 crop prompts of 5 x 1,369 patches at 512 px: L = 110k, a 12 GB boolean mask
+    and L^2 work where the windows need L x 64); torch's varlen_attn would need no padding but runs on CUDA only,
+    and this is the code the CPU tests hold against the window loop (values and gradients, both families). Padded,
+    memory and work are O(L x longest window): Qwen2.5-VL's windows are <= 64 patches (112 px), and a
+    full-attention block pads each image to the longest in its group. Windows go into groups, longest first, each
+    padded to at most twice its real tokens, so one very large image among small ones takes a second call instead
+    of padding every small one to its size (same-size images and windows: one call per block)."""
+    starts = cu_seq_lens_q.tolist()
+    lengths = [end - begin for begin, end in zip(starts, starts[1:])]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups = []
+    for i in order:      # a group grows while its padded size stays within twice its real tokens
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * lengths[group[0]] <= 2 * (sum(lengths[j] for j in group) + lengths[i]):
+            group.append(i)
+        else:
+            groups.append([i])
+    device = query.device
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))                       # [L, heads, head dim]
+    pieces, positions = [], []
+    for group in groups:
+        width = lengths[group[0]]
+        sizes = torch.tensor([lengths[i] for i in group])                                # [G]
+        index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in group]).to(device)   # [Lg]
+        rows = torch.repeat_interleave(torch.arange(len(group)), sizes).to(device)       # [Lg]
+        columns = torch.cat([torch.arange(size) for size in sizes.tolist()]).to(device)  # [Lg]
+
+        def padded(x):                                                                   # [G, heads, width, d]
+            out = x.new_zeros(len(group), width, *x.shape[1:])
+            return out.index_put((rows, columns), x[index]).transpose(1, 2)
+
+        mask = (torch.arange(width)[None] < sizes[:, None]).to(device)[:, None, None, :]  # [G, 1, 1, width]
+        out = torch.nn.functional.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask,
+                                                               scale=scaling)            # [G, heads, width, d]
+        pieces.append(out.transpose(1, 2)[rows, columns])                                 # [Lg, heads, d]
+        positions.append(index)
+    out = torch.cat(pieces)[torch.argsort(torch.cat(positions))]                         # [L, heads, d]
+    return out[None], None
+
+
 def vision_attention(model, device):
-    """The vision tower on flash attention's variable-length kernel when it is installed (CUDA): one call per block
-    over all of a batch's images. Under SDPA, transformers runs the tower one attention window at a time: a 512-px
-    image is 25 windows of 8 x 8 patches, so 704 small attention calls per image per forward over Qwen2.5-VL's 28
-    windowed and 4 full-attention blocks (3,520 for a 5-image crop prompt), each too small to keep a GPU busy. The
-    language model stays on SDPA: the shared-prompt rows need its 4-D block mask, which flash attention does not
-    take."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    """The vision tower's attention in one call per block over all of a batch's windows, on CUDA: flash attention's
+    variable-length kernel when flash-attn is installed, else padded_vision_attention (SDPA). transformers' SDPA
+    path runs one call per attention window: a 512-px image is ~25 windows of 8 x 8 patches, ~700 small calls per
+    image per forward over Qwen2.5-VL's 28 windowed and 4 full-attention blocks (~2 M a GRPO step for 3B on one
+    GPU), each too small to keep a GPU busy. On the CPU the stock loop stays: it costs little at CPU sizes, and the
+    padded call agrees with it to ~1e-7, not bit for bit, which would change the tiny run's numbers. The language
+    model stays on SDPA: the shared-prompt rows need its 4-D block mask, which flash attention does not take."""
+    if device.type != "cuda":
+        return model
+    if importlib.util.find_spec("flash_attn") is not None:
         model.set_attn_implementation({"vision_config": "flash_attention_2"})
+        return model
+    return use_padded_vision_attention(model)
+
+
+def use_padded_vision_attention(model):
+    """The model's vision tower on padded_vision_attention (any device; vision_attention picks it on CUDA)."""
+    AttentionInterface.register(PADDED_VISION_ATTENTION, padded_vision_attention)
+    model.model.visual.config._attn_implementation = PADDED_VISION_ATTENTION
     return model
 
 
-def load_model(args, dist, corpus=()):
+def load_model(args, dist, corpus=(), device=None, meta=False):
     """(model, processor, family) for --model: a preset, a local folder (checkpoint) or a hub id. The policy is
-    always fp32: these are the master weights the optimizer updates (bf16 compute comes from `shard`)."""
+    always fp32: these are the master weights the optimizer updates (bf16 compute comes from `shard`). The model
+    ends on `device` (default: the compute device); `meta` builds the same architecture on the meta device without
+    reading or initialising any weight (load_sharded_model's skeleton)."""
     dtype = torch.float32
+    device = device or dist.device
     name, remake = args.model, ""
     if name in PRESETS and PRESETS[name][1] is None and args.init == "pretrained":   # the shipped base: a folder
         try:
@@ -471,9 +633,15 @@ def load_model(args, dist, corpus=()):
             raise UserError(str(error)) from None
     if name in PRESETS:
         family, hub_id = PRESETS[name]
+        if hub_id is None and meta:           # --init random: the from-scratch tiny model's skeleton
+            processor = build_tiny_processor(family, list(corpus) or tiny.tokenizer_corpus([]))
+            with torch.device("meta"):
+                model = AutoModelForImageTextToText.from_config(tiny.tiny_config(family, processor.tokenizer),
+                                                                attn_implementation="sdpa")
+            return model, processor, family
         if hub_id is None:                    # --init random: the from-scratch tiny model
             model, processor = build_tiny(family, list(corpus), seed=args.seed)
-            return model.to(dist.device), processor, family
+            return model.to(device), processor, family
         if args.init == "random":
             try:
                 processor = load_processor(hub_id, family)
@@ -482,10 +650,11 @@ def load_model(args, dist, corpus=()):
                 processor = build_tiny_processor(family, list(corpus) or tiny.tokenizer_corpus([]))
             processor.image_processor = image_processor(family, args.min_pixels, args.max_pixels)
             torch.manual_seed(args.seed)
-            with torch.device(dist.device):
+            # initialised where a one-process run initialises them (its RNG stream), then moved: the same weights
+            with torch.device("meta" if meta else dist.device):
                 model = AutoModelForImageTextToText.from_config(real_config(name, processor.tokenizer, args.layers),
                                                                 dtype=dtype, attn_implementation="sdpa")
-            return vision_attention(model, dist.device), processor, family
+            return vision_attention(model if meta else model.to(device), dist.device), processor, family
         path = hub_id
     elif Path(name).exists():
         family, path = model_family(name), name
@@ -495,29 +664,98 @@ def load_model(args, dist, corpus=()):
     else:
         raise UserError(f"unknown --model {name!r}: choose one of {', '.join(PRESETS)}, a model folder or a hub id")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                                attn_implementation="sdpa")
+            try:      # what from_pretrained reads besides the weights: the eos ids that end a generation
+                model.generation_config = GenerationConfig.from_pretrained(path)
+            except OSError:
+                pass
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}{remake}") from None
-    return vision_attention(model.to(dist.device), dist.device), load_processor(path, family), family
+    return vision_attention(model if meta else model.to(device), dist.device), load_processor(path, family), family
+
+
+# Bytes of one broadcast piece while loading a sharded model: what a rank other than 0 holds beyond its shards.
+BROADCAST_PIECE_BYTES = 64 << 20
+
+
+def load_sharded_model(args, dist, corpus=()):
+    """(model, processor, family) under torchrun: the model sharded with FSDP2 and loaded once, for any --model.
+
+    Every rank builds the architecture on the meta device (no memory), shards it and allocates its own shards; rank
+    0 alone loads or initialises the full model in host memory, exactly as a one-process run does (the same weights
+    for the same seed), and broadcasts it into everyone's shards. Host memory holds one full fp32 copy in the run
+    (rank 0's) instead of one per rank: 33 GB for 7B, which eight ranks each building it made ~265 GB per node.
+    torch's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True) does the same broadcast a whole
+    tensor at a time, so every rank would hold the largest tensor in full (the 7B embedding, 2.2 GB; on gloo in
+    host memory, more than a rank's shards at a few layers); here each tensor goes in pieces of
+    BROADCAST_PIECE_BYTES and each rank keeps the rows of its shard. Gradient checkpointing is set on the skeleton
+    before sharding, as run() does in one process."""
+    source = on_every_rank(lambda: load_model(args, dist, corpus, device=torch.device("cpu"))[0]
+                           if dist.rank == 0 else None, dist)
+    model, processor, family = on_every_rank(lambda: load_model(args, dist, corpus, meta=True), dist)
+    if args.gradient_checkpointing:   # non-reentrant: the variant FSDP2 supports
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = shard(model, dist.dtype, materialize=dist.device)
+    broadcast_weights(source, model, dist)
+    del source
+    return model, processor, family
+
+
+@torch.no_grad()
+def broadcast_weights(source, model, dist):
+    """Rank 0's full `source` (None elsewhere) into the FSDP2-sharded `model` of the same architecture on every rank:
+    parameters and buffers (the rotary tables too), bit for bit, in pieces of at most BROADCAST_PIECE_BYTES. FSDP2
+    shards dim 0 as torch.chunk does, so rank r keeps rows [r c, (r + 1) c) with c = ceil(rows / world)."""
+    full = {**dict(source.named_parameters()), **dict(source.named_buffers())} if dist.rank == 0 else {}
+    for name, target in [*model.named_parameters(), *model.named_buffers()]:
+        local = target.to_local() if isinstance(target, DTensor) else target
+        rows = target.shape[0] if target.dim() else 1
+        begin, end = 0, rows
+        if isinstance(target, DTensor):
+            per_rank = -(-rows // dist.world)
+            begin, end = min(dist.rank * per_rank, rows), min((dist.rank + 1) * per_rank, rows)
+        width = target.numel() // max(rows, 1)
+        local_rows = local.reshape(end - begin, width)
+        step = max(1, BROADCAST_PIECE_BYTES // max(1, width * local.element_size()))
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            if dist.rank == 0:
+                piece = full[name].reshape(rows, width)[start:stop].to(dist.device, local.dtype).contiguous()
+            else:
+                piece = torch.empty(stop - start, width, dtype=local.dtype, device=dist.device)
+            torch_dist.broadcast(piece, src=0)
+            low, high = max(start, begin), min(stop, end)
+            if low < high:
+                local_rows[low - begin:high - begin].copy_(piece[low - start:high - start])
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompts: records to model inputs (grpo.encode_prompts), never cut, unreadable ones skipped and counted
 
 def to_device(batch, device):
-    """The batch on `device`, except images_per_sample: bookkeeping that stays on the CPU."""
-    return {key: value if key == "images_per_sample" else value.to(device) for key, value in batch.items()}
+    """The batch on `device`, except images_per_sample (bookkeeping) and pixel_values. A GRPO step's pixels in fp32
+    are ~3 GiB on one GPU at the recipe's 256 prompts (~1.8 images of ~6.8 MB each at 512 px; 8 GiB if all were
+    crop prompts): they stay in host memory and go to the device one prefill or micro-batch at a time
+    (grpo._model_inputs, grpo._sample, grpo.pack)."""
+    return {key: value if key in ("images_per_sample", "pixel_values") else value.to(device)
+            for key, value in batch.items()}
 
 
-def prompt_length(processor, record, min_pixels, max_pixels):
-    """Prompt tokens of a record from its image sizes (headers only), without decoding the pixels."""
+def prompt_length(processor, record, min_pixels, max_pixels, size=None):
+    """Prompt tokens of a record from its image sizes (headers only, or every image `size` when given: resized
+    first), without decoding the pixels."""
     text = grpo.prompt_text(processor, record["problem"], record.get("format_prompt", True))
     text_tokens = len(processor.tokenizer(text)["input_ids"])
     merge = processor.image_processor.merge_size ** 2
     image_tokens = 0
     for item in record["images"]:     # a path, embedded bytes (tasks.EmbeddedImage) or a PIL image
         try:
-            if isinstance(item, Image.Image):
-                width, height = item.size
+            if size or isinstance(item, Image.Image):
+                width, height = size or item.size
             else:
                 with Image.open(tasks.image_file(item)) as image:
                     width, height = image.size
@@ -547,6 +785,8 @@ def filter_records(processor, records, max_prompt_length, min_pixels, max_pixels
     if too_long or bad:
         print0(f"{what}: dropped {too_long} prompts over {max_prompt_length} tokens and {bad} unreadable records; "
                f"{len(kept)} kept", dist=dist)
+    if dist is not None:      # images one node cannot read would change its list, and so every rank's share
+        check_same_data(dist, f"{what} records kept", kept)
     return kept
 
 
@@ -734,7 +974,7 @@ def run_sft(args, dist, model, processor, train, state, resume, metrics):
     """The cold start with its own optimizer, freed on return: GRPO's AdamW then holds the only fp32 Adam state
     (7B under FSDP on 8 GPUs: the SFT optimizer's 7.6 GB per GPU would otherwise stay alive through GRPO)."""
     parameters = freeze_for_sft(model, args.freeze_vision_tower, args.freeze_multi_modal_projector)
-    optimizer = torch.optim.AdamW(parameters, lr=args.sft_learning_rate, weight_decay=args.sft_weight_decay)
+    optimizer = adamw(parameters, args.sft_learning_rate, args.sft_weight_decay, fused=dist.device.type == "cuda")
     examples = sft_examples(args, train)
     total = max(1, math.ceil(args.sft_num_train_epochs * math.ceil(len(examples) / args.sft_global_batch_size)))
     scheduler = sft_schedule(optimizer, args, total)
@@ -747,30 +987,56 @@ def run_sft(args, dist, model, processor, train, state, resume, metrics):
 # ---------------------------------------------------------------------------------------------------------------
 # The GRPO loop (grpo.grpo_step does the algorithm)
 
-def save_reference(args, dist, model, processor):
-    """OUT/reference: the policy as GRPO starts, the frozen model of the KL term, kept apart from the rotating
-    checkpoints so that a resumed run finds it."""
-    path = Path(args.out) / "reference"
-    model_state, _ = full_state_dicts(model, None)
-    if dist.rank == 0:
-        with tasks.written_atomically(path) as temp:
-            model.save_pretrained(temp, state_dict=model_state, safe_serialization=True)
-            processor.save_pretrained(temp)
-    if dist.world > 1:
-        torch_dist.barrier()
-    return path
+def reference_like(model, dist, offload=False):
+    """An empty frozen model of the policy's architecture for the KL reference: in the compute dtype (it is never
+    updated: bf16 halves it, 2 B per parameter), sharded like the policy so that its shards line up with the
+    policy's rank by rank; its passes gather it once and reshard after (grpo.rollout_logprobs). Unsharded (one
+    process, fp32): a copy of the policy."""
+    if not isinstance(model, FSDPModule):
+        import copy
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.device("meta"):
+        reference = AutoModelForImageTextToText.from_config(model.config, dtype=dist.dtype,
+                                                            attn_implementation="sdpa")
+    # the policy's vision attention (vision_attention's choice, set the way it sets it)
+    reference.model.visual.config._attn_implementation = model.model.visual.config._attn_implementation
+    reference = shard(reference.eval().requires_grad_(False), dist.dtype, offload=offload,
+                      materialize=torch.device("cpu") if offload else dist.device)
+    buffers = dict(model.named_buffers())     # the rotary tables: in no state dict, the same in both models
+    with torch.no_grad():
+        for name, buffer in reference.named_buffers():
+            buffer.copy_(buffers[name])
+    return reference
 
 
-def load_reference(path, dist, offload=False):
-    """The frozen reference in the compute dtype (it is never updated: bf16 halves it, 2 B per parameter), sharded
-    like the policy; its passes gather it once and reshard it after (grpo.rollout_logprobs)."""
-    if not (Path(path) / "config.json").is_file():
+@torch.no_grad()
+def reference_from_policy(model, dist, offload=False):
+    """The frozen KL reference: the policy as GRPO starts, copied in memory shard by shard (each rank its own; no
+    disk, no collective), rounded to the compute dtype as loading the fp32 weights in bf16 would."""
+    reference = reference_like(model, dist, offload)
+    if isinstance(model, FSDPModule):
+        policy = dict(model.named_parameters())
+        for name, tensor in reference.named_parameters():
+            source = policy[name]
+            (tensor.to_local() if isinstance(tensor, DTensor) else tensor).copy_(
+                source.to_local() if isinstance(source, DTensor) else source)
+    return reference
+
+
+def save_reference(args, dist, reference):
+    """OUT/reference: the frozen reference's own (sharded, compute-dtype) weights with torch.distributed.checkpoint,
+    every rank its shards, kept apart from the rotating checkpoints so that a resumed GRPO run finds them."""
+    temp, leader = begin_folder(dist, args.out, "reference")
+    save_trainer_state(temp, reference)
+    return finish_folder(dist, args.out, "reference", temp, leader)
+
+
+def load_reference(path, dist, model, offload=False):
+    """The reference save_reference wrote, for a resumed GRPO run, sharded like `model` (the policy)."""
+    if not path or not (Path(path) / ".metadata").is_file():
         raise UserError(f"GRPO reference model {path} is missing; restart the GRPO stage without --resume")
-    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dist.dtype, attn_implementation="sdpa")
-    reference = vision_attention(reference.to("cpu" if offload else dist.device), dist.device)
-    reference = reference.eval().requires_grad_(False)
-    if dist.sharded:
-        reference = shard(reference, dist.dtype, offload=offload)
+    reference = reference_like(model, dist, offload)
+    load_saved_state(path, reference)
     return reference
 
 
@@ -817,22 +1083,31 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
         max_new_tokens=args.max_response_length, clip_low=args.clip_ratio_low, clip_high=args.clip_ratio_high,
         dual_clip=args.clip_ratio_dual, kl_coef=args.kl_coef,
         updates_per_step=args.rollout_batch_size // args.global_batch_size,
-        rollout_engine=args.rollout_engine, rollout_micro_batch_size=args.rollout_micro_batch_size,
-        compile_decode=args.compile_decode, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+        rollout_engine=args.rollout_engine,
+        rollout_micro_batch_size=(args.fallback_micro_batch if args.rollout_micro_batch_size == "auto"
+                                  else args.rollout_micro_batch_size),
+        auto_rollout_micro_batch=args.rollout_micro_batch_size == "auto", compile_decode=args.compile_decode,
+        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
         shared_prompt=args.shared_prompt, max_grad_norm=args.max_grad_norm)
     model.requires_grad_(True)   # full-parameter RL, vision tower included (EasyR1 freeze_vision_tower: false)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adamw(model.parameters(), args.learning_rate, args.weight_decay, fused=dist.device.type == "cuda")
     scheduler = get_constant_schedule(optimizer)
+    reference = reference_path = None
     if state and state["stage"] == "grpo":
         load_trainer_state(args.model, dist, model, optimizer, scheduler)
         grpo_step, first_step, reference_path = state["grpo_step"], state["first_step"], state["reference"]
+        if args.kl_coef > 0:
+            reference = load_reference(reference_path, dist, model, args.ref_offload)
     else:
-        grpo_step, reference_path = 0, save_reference(args, dist, model, processor)
-    reference = load_reference(reference_path, dist, args.ref_offload) if args.kl_coef > 0 else None
+        grpo_step = 0
+        if args.kl_coef > 0:
+            reference = reference_from_policy(model, dist, args.ref_offload)
+            reference_path = save_reference(args, dist, reference)
     steps_per_epoch = max(1, len(train_records) // args.rollout_batch_size)
     print0(f"grpo: {args.max_steps} steps of {args.rollout_batch_size} prompts x {args.num_generations} responses, "
            f"{cfg.updates_per_step} update(s) per step, {len(train_records)} prompts", dist=dist)
     progress = Progress(args.max_steps, grpo_step, "grpo", dist)
+    chosen = None      # auto: the prompts in flight last printed
     while grpo_step < args.max_steps:
         records, images, skipped = rollout_prompts(args, dist, train_records, grpo_step, steps_per_epoch)
         # each prompt's samples seeded by (seed, step, its index in the step's global batch: rank r holds r, r + world,
@@ -851,6 +1126,10 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
         row = {"stage": "grpo", "step": step, "grpo_step": grpo_step, "learning_rate": scheduler.get_last_lr()[0],
                "skipped_records": grpo.all_reduce([skipped], device=dist.device)[0], **step_metrics}
         metrics.log(row)
+        if cfg.auto_rollout_micro_batch and row["rollout_micro_batch_size"] != chosen:
+            chosen = row["rollout_micro_batch_size"]
+            print0(f"grpo step {grpo_step}: {chosen:.0f} prompts in flight per rank (auto, from free memory)",
+                   dist=dist)
         progress.update(row, every=args.logging_steps)
         if args.rollout_save_steps and grpo_step % args.rollout_save_steps == 0:
             write_rollouts(args, dist, grpo_step, records, rollouts)
@@ -861,7 +1140,7 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
         if grpo_step % args.save_steps == 0 or grpo_step == args.max_steps:
             save_checkpoint(args, dist, model, processor, step, "grpo", optimizer, scheduler,
                             extra_state={"grpo_step": grpo_step, "first_step": first_step,
-                                         "reference": str(reference_path)})
+                                         "reference": reference_path and str(reference_path)})
     progress.close()
     return first_step + grpo_step
 
@@ -874,11 +1153,35 @@ def train_grpo(args, dist, model, processor, train_records, held_out, state, met
 ENGINE_EVAL_BATCHES = 4
 
 
-def decode_options(args):
-    """generate_completions' engine keywords in evaluation: the engine with --eval-batch-size prompts in flight (hf:
-    per generate call) and prefills of at most --max-tokens-per-micro-batch padded tokens."""
-    return dict(engine=args.rollout_engine, compile_decode=args.compile_decode, micro_batch_size=args.eval_batch_size,
+def decode_options(args, batch_size):
+    """generate_completions' engine keywords in evaluation: the engine with `batch_size` prompts in flight (hf: per
+    generate call) and prefills of at most --max-tokens-per-micro-batch padded tokens."""
+    return dict(engine=args.rollout_engine, compile_decode=args.compile_decode, micro_batch_size=batch_size,
                 max_prefill_tokens=args.max_tokens_per_micro_batch)
+
+
+def eval_batch_size(args, dist, model, processor, records, min_pixels, max_pixels, resize=None, samples=0):
+    """--eval-batch-size, or with auto: on CUDA as many prompts in flight as fit the free memory with the model
+    gathered (grpo.memory_micro_batch, max(1, `samples`) responses of up to --max-response-length each: the sampled
+    pass holds K slots per prompt, the greedy one 1) at the longest prompt of
+    `records` (from their image headers; --max-prompt-length when none can be read), printed; elsewhere
+    FALLBACK_EVAL_BATCH."""
+    if args.eval_batch_size != "auto":
+        return args.eval_batch_size
+    if dist.device.type != "cuda" or not records:
+        return FALLBACK_EVAL_BATCH
+    longest = 0
+    for record in records:
+        try:
+            longest = max(longest, prompt_length(processor, record, min_pixels, max_pixels, resize))
+        except tasks.BadRecord:
+            pass
+    longest = longest or args.max_prompt_length
+    size = grpo.memory_micro_batch(model, dist.device, longest, max(1, samples), args.max_response_length,
+                                   FALLBACK_EVAL_BATCH, len(records), args.rollout_engine,
+                                   args.max_tokens_per_micro_batch)
+    print(f"eval (rank {dist.rank}): {size} prompts in flight (auto, {longest}-token prompts)", flush=True)
+    return size
 
 
 def generate_greedy(model, processor, batch, max_new_tokens, **options):
@@ -920,12 +1223,13 @@ def generate_answers(args, dist, model, processor, records, min_pixels, max_pixe
     model.eval()
     tokenizer = processor.tokenizer
     share = records[dist.rank::dist.world]
-    options = decode_options(args)
-    per_call = args.eval_batch_size * (ENGINE_EVAL_BATCHES if args.rollout_engine == "ssrl" else 1)
-    batches = call_batches(sorted(share, key=sort_key, reverse=True) if sort_key else share, per_call)
     answers, skipped = [], 0
-    progress = Progress(len(batches), 0, "eval", dist, leave=False)
     with grpo.gathered(model):
+        batch_size = eval_batch_size(args, dist, model, processor, share, min_pixels, max_pixels, resize, samples)
+        options = decode_options(args, batch_size)
+        per_call = batch_size * (ENGINE_EVAL_BATCHES if args.rollout_engine == "ssrl" else 1)
+        batches = call_batches(sorted(share, key=sort_key, reverse=True) if sort_key else share, per_call)
+        progress = Progress(len(batches), 0, "eval", dist, leave=False)
         for chunk in batches:
             kept, images, bad = open_batch(chunk)
             skipped += bad
@@ -1124,18 +1428,57 @@ def benchmark_table(results, preset=None):
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints and metrics
 
-def full_state_dicts(model, optimizer):
-    """Full (unsharded) fp32 model and optimizer state dicts on the CPU; rank 0 gets them under FSDP.
+def consolidated_weights(model, dtype, dist):
+    """The model's full state dict in `dtype` in rank 0's host memory (None on the other ranks): what
+    from_pretrained loads. Under FSDP2 each tensor is all-gathered on the device in turn (every rank takes part)
+    and only rank 0 keeps it, cast: rank 0 holds 2 B per parameter in bf16 (16.6 GB for 7B), not the 100 GB of fp32
+    weights and Adam state of a full trainer state. Tied tensors are gathered once."""
+    weights, done = {}, {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) not in done:
+                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+                done[id(tensor)] = (full.to("cpu", dtype if full.is_floating_point() else full.dtype)
+                                    if dist.rank == 0 else None)
+            weights[name] = done[id(tensor)]
+    return weights if dist.rank == 0 else None
 
-    Full, not sharded, so that a run resumes on any number of GPUs and the weights load with from_pretrained. The
-    price at 7B on 8 GPUs: rank 0 holds 8.29 B x (4 B weights + 8 B Adam) = 100 GB of host memory while it writes
-    (~1-2 minutes; hence --ddp-timeout), every --save-steps."""
-    if not isinstance(model, FSDPModule):
-        return model.state_dict(), optimizer.state_dict() if optimizer else None
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
-    return model_state, optimizer_state
+
+@contextlib.contextmanager
+def one_process_checkpoint():
+    """Quiet torch.distributed.checkpoint's warning that one process without a process group saves or loads in one
+    process: what a one-process run means to do, at every save."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_trainer_state(folder, model, optimizer=None):
+    """fp32 master weights and AdamW state with torch.distributed.checkpoint: every rank writes its own shards in
+    parallel (one file per rank), and a checkpoint written by W ranks loads on any number (DCP reshards on load).
+    One process without a process group writes the same format. An optimizer that never stepped has no state to
+    save (asking torch for it would initialise it with a zero step, which a straight run never takes). Returns
+    whether the optimizer's state was saved."""
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None and optimizer.state:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    with one_process_checkpoint():
+        dcp.save(state, checkpoint_id=str(folder), no_dist=not torch_dist.is_initialized())
+    return "optimizer" in state
+
+
+def load_saved_state(folder, model, optimizer=None):
+    """save_trainer_state's inverse, on any number of ranks: the model's weights (and the optimizer's state)
+    replaced by the saved ones, bit for bit, each rank reading the pieces of its own shards."""
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    with one_process_checkpoint():
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not torch_dist.is_initialized())
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def rng_states():
@@ -1151,32 +1494,69 @@ def set_rng_states(states):
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def save_checkpoint(args, dist, model, processor, step, stage, optimizer=None, scheduler=None, extra_state=None):
-    """OUT/checkpoint-STEP: a from_pretrained folder (safetensors, config, tokenizer, chat template) plus the trainer
-    state (optimizer, scheduler, RNG per rank, step, stage, flags, `extra_state` such as a data position).
+def begin_folder(dist, out, name):
+    """OUT/.tmp-NAME, empty, made by the leader of each disk (disk_leader) while the others wait; returns (temp,
+    leader). Every rank then writes its part into its own disk's copy. (A folder one rank writes alone takes
+    tasks.written_atomically; this is that, for many writers.)"""
+    leader = disk_leader(dist, out)
+    temp = Path(out) / f".tmp-{name}"
+    if leader == dist.rank:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+    if dist.world > 1:
+        torch_dist.barrier()
+    return temp, leader
 
-    Written to a temp folder and renamed when complete (tasks.written_atomically), so a crash never leaves a half
-    checkpoint under the real name; only then are checkpoints beyond --save-limit deleted, oldest first.
-    """
-    out = Path(args.out)
-    model_state, optimizer_state = full_state_dicts(model, optimizer)
-    rng = gather_objects([rng_states()], dist)     # every rank's, in rank order
-    final = out / f"checkpoint-{step}"
-    if dist.rank == 0:
-        with tasks.written_atomically(final) as temp:
-            model.save_pretrained(temp, state_dict=model_state, safe_serialization=True)
-            processor.save_pretrained(temp)
-            trainer = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict() if scheduler else None,
-                       "rng": rng}
-            torch.save(trainer, Path(temp) / "trainer.pt")
-            state = {"step": step, "stage": stage, "args": vars(args), **(extra_state or {})}
-            (Path(temp) / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-        for old in sorted(checkpoints(out), key=checkpoint_step)[:-args.save_limit] if args.save_limit > 0 else []:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+
+def finish_folder(dist, out, name, temp, leader, keep=None):
+    """After every rank wrote its part: each disk's leader renames OUT/.tmp-NAME to OUT/NAME (a crash never leaves a
+    half folder under the real name) and, with `keep`, deletes all but the newest `keep` checkpoint-N folders there.
+    On a disk the nodes do not share, the folder holds that node's shards only (no trainer_state.json: not a
+    checkpoint to resume from; copied into rank 0's folder, the files make it whole)."""
+    if dist.world > 1:
+        torch_dist.barrier()
+    final = Path(out) / name
+    if leader == dist.rank:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        if keep:
+            folders = [p for p in Path(out).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+            for old in sorted(folders, key=checkpoint_step)[:-keep]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
     if dist.world > 1:
         torch_dist.barrier()
     return final
+
+
+def save_checkpoint(args, dist, model, processor, step, stage, optimizer=None, scheduler=None, extra_state=None):
+    """OUT/checkpoint-STEP: a from_pretrained folder (safetensors in --save-dtype, config, tokenizer, chat template),
+    written by rank 0, and the trainer state: fp32 master weights and AdamW state under trainer/ (every rank writes
+    its shards in parallel; it resumes on any number of ranks), scheduler and every rank's RNG in trainer.pt, and
+    trainer_state.json (step, stage, flags, `extra_state` such as a data position), written last.
+
+    Written to a hidden temp folder and renamed when complete (begin_folder, finish_folder), so a crash never leaves
+    a half checkpoint under the real name; only then are checkpoints beyond --save-limit deleted, oldest first.
+    """
+    save_dtype = SAVE_DTYPES[args.save_dtype]
+    temp, leader = begin_folder(dist, args.out, f"checkpoint-{step}")
+    weights = consolidated_weights(model, save_dtype, dist)
+    has_optimizer = save_trainer_state(temp / "trainer", model, optimizer)
+    rng = gather_objects([rng_states()], dist)     # every rank's, in rank order
+    if dist.rank == 0:
+        model.save_pretrained(temp, state_dict=weights, safe_serialization=True)
+        config = json.loads((temp / "config.json").read_text())     # the dtype the weights are in, for loaders
+        (temp / "config.json").write_text(json.dumps({**config, "dtype": str(save_dtype).split(".")[-1]},
+                                                     indent=2, sort_keys=True) + "\n")
+        processor.save_pretrained(temp)
+        torch.save({"scheduler": scheduler.state_dict() if scheduler else None, "rng": rng}, temp / "trainer.pt")
+        state = {"step": step, "stage": stage, "world": dist.world, "optimizer_state": has_optimizer,
+                 "args": vars(args), **(extra_state or {})}
+        (temp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+    del weights
+    return finish_folder(dist, args.out, f"checkpoint-{step}", temp, leader,
+                         keep=args.save_limit if args.save_limit > 0 else None)
 
 
 def checkpoint_step(path):
@@ -1204,20 +1584,49 @@ def resolve_resume(args):
     return path
 
 
-def load_trainer_state(path, dist, model, optimizer=None, scheduler=None):
-    """Restore optimizer, scheduler and this rank's RNG from a checkpoint; returns trainer_state.json's dict.
+def agree_on_resume(args, dist):
+    """(checkpoint folder, its trainer_state.json) to resume from, or (None, None), as rank 0 finds them, on every
+    rank: each node resolving --resume on its own could resume GRPO on one node while another starts from the base
+    model, and the collectives would no longer match. Resuming reads the checkpoint (and the GRPO reference) on
+    every rank, so every rank checks that it sees each of rank 0's files there, with the same size; if any does
+    not, every rank stops with one line naming what is missing, instead of some ranks waiting forever."""
+    def resolve():
+        found = resolve_resume(args)
+        if found is None:
+            return None
+        state = json.loads((found / "trainer_state.json").read_text())
+        folders = [found] + ([Path(state["reference"])] if state.get("reference") else [])
+        files = [(str(path), path.stat().st_size) for folder in folders for path in sorted(folder.rglob("*"))
+                 if path.is_file()]
+        return str(found), state, files
+    found = broadcast_object(on_every_rank(lambda: resolve() if dist.rank == 0 else None, dist), dist)
+    if found is None:
+        return None, None
+    path, state, files = found
+    missing = [name for name, size in files if not (Path(name).is_file() and Path(name).stat().st_size == size)]
+    reports = gather_objects([[missing[0], len(missing)] if missing else None], dist)
+    blind = [rank for rank, report in enumerate(reports) if report]
+    if blind:
+        first, count = reports[blind[0]]
+        ranks = f"rank {blind[0]}" + (f" and {len(blind) - 1} other rank(s)" if len(blind) > 1 else "")
+        raise UserError(f"--resume {path}: {ranks} cannot see {first}" + (f" (and {count - 1} more files)" if count > 1
+                        else "") + ": resuming reads the checkpoint on every rank, so --out must be on a disk every "
+                        "node shares (or copy every node's checkpoint files into each node's folder)")
+    return Path(path), state
 
-    The file is memory-mapped, not read: at 7B it holds 66 GB of Adam state, and eight ranks each reading it would
-    need 8 x 66 GB of host memory. Under FSDP only rank 0 reads the optimizer state and broadcasts it tensor by
-    tensor; each rank keeps its shard."""
+
+def load_trainer_state(path, dist, model, optimizer=None, scheduler=None):
+    """Restore the fp32 master weights, the optimizer's state (saved with torch.distributed.checkpoint, on any
+    number of ranks), the scheduler and this rank's RNG from a checkpoint; returns trainer_state.json's dict. The
+    weights come from the trainer state, not the safetensors beside it (those may be bf16). Each rank reads only
+    the pieces of its own shards."""
     state = json.loads((Path(path) / "trainer_state.json").read_text())
-    trainer = torch.load(Path(path) / "trainer.pt", weights_only=True, map_location="cpu", mmap=True)
-    if optimizer is not None and trainer["optimizer"] is not None:
-        if not isinstance(model, FSDPModule):
-            optimizer.load_state_dict(trainer["optimizer"])
-        else:
-            set_optimizer_state_dict(model, optimizer, trainer["optimizer"] if dist.rank == 0 else {},
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if not (Path(path) / "trainer" / ".metadata").is_file():
+        raise UserError(f"{path} holds no sharded trainer state (trainer/): an older ssrl.py wrote it; resume with "
+                        f"that version, or start the next stage from its weights with --model {path}")
+    with_optimizer = optimizer is not None and state.get("optimizer_state", True)
+    load_saved_state(Path(path) / "trainer", model, optimizer if with_optimizer else None)
+    trainer = torch.load(Path(path) / "trainer.pt", weights_only=True, map_location="cpu")
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     rng = trainer["rng"]
@@ -1367,18 +1776,45 @@ def has_dataset(root):
 
 
 def prepare_data(args, dist):
-    """(train, eval) records of the requested tasks; builds procedural data first when --data has none."""
+    """(train, eval) records of the requested tasks; builds procedural data first when --data has none.
+
+    Nodes need not share a disk: the data is read where it is built. When rank 0 has no dataset, the leader of
+    every disk (disk_leader: rank 0 on a shared disk, each node's local rank 0 on local ones) builds it, the same
+    bytes from the same seed. When rank 0 has one, every rank must see one too (a node that built procedural
+    scenes beside someone's real data would train on other data): a missing one is reported at startup, and so are
+    records that differ between ranks."""
     root = Path(args.data)
-    if not has_dataset(root):
-        if dist.rank == 0:
-            print0(f"building {args.per_task} train + {args.eval_per_task} eval samples per task of "
-                   f"{args.max_side}-px procedural scenes in {root} ...")
+    present = gather_objects([has_dataset(root)], dist)
+    if any(present) and not all(present):
+        having = [rank for rank, found in enumerate(present) if found]
+        lacking = [rank for rank, found in enumerate(present) if not found]
+        raise UserError(f"{root}: rank(s) {', '.join(map(str, having[:4]))} have a dataset there and rank(s) "
+                        f"{', '.join(map(str, lacking[:4]))} do not: copy it to every node or put --data on a disk "
+                        "every node shares")
+    if not present[0]:
+        if disk_leader(dist, root) == dist.rank:
+            print(f"building {args.per_task} train + {args.eval_per_task} eval samples per task of {args.max_side}-px "
+                  f"procedural scenes in {root}" + (f" (rank {dist.rank})" if dist.world > 1 else "") + " ...",
+                  flush=True)
             summary = tasks.build_dataset(root, per_task=args.per_task, eval_per_task=args.eval_per_task,
                                           tasks=args.tasks, seed=args.seed, max_side=args.max_side, overwrite=True,
                                           workers=torch.get_num_threads())
-            print0(f"built {summary['samples']} samples in {summary['seconds']:.0f} s")
+            print(f"built {summary['samples']} samples in {summary['seconds']:.0f} s", flush=True)
         if dist.world > 1:
             torch_dist.barrier()
+    train, held_out = on_every_rank(lambda: read_data(args, dist, root), dist)
+    check_same_data(dist, f"dataset in {root}", train, held_out)
+    if args.eval_limit:     # the first N of each task, so that every run scores the same prompts
+        by_task = defaultdict(list)
+        for record in held_out:
+            by_task[record["task"]].append(record)
+        held_out = [r for records in by_task.values() for r in records[:args.eval_limit]]
+    return train, held_out
+
+
+def read_data(args, dist, root):
+    """(train, eval) records of --tasks in the dataset at `root`, each split holding every task; a dataset without
+    an eval split (the release) gets one held out (held_out_split)."""
     problems = Counter()    # rows skipped at load time; the same on every rank (each reads the same files)
     try:
         train = tasks.load_records(root, "train", problems)
@@ -1389,18 +1825,12 @@ def prepare_data(args, dist):
         print0(f"data: skipped {sum(problems.values())} rows of {root}: {reasons(problems)}", dist=dist)
     if held_out is None:
         train, held_out = held_out_split(args, dist, root, train)
-    check_same_data(dist, train, held_out)
     train = [r for r in train if r["task"] in args.tasks]
     held_out = [r for r in held_out if r["task"] in args.tasks]
     for split, records in (("train", train), ("eval", held_out)):
         missing = [t for t in args.tasks if not any(r["task"] == t for r in records)]
         if missing:
             raise UserError(f"{root}: no {split} records for task(s) {', '.join(missing)} (choose --tasks)")
-    if args.eval_limit:     # the first N of each task, so that every run scores the same prompts
-        by_task = defaultdict(list)
-        for record in held_out:
-            by_task[record["task"]].append(record)
-        held_out = [r for records in by_task.values() for r in records[:args.eval_limit]]
     return train, held_out
 
 
@@ -1444,17 +1874,20 @@ def held_out_split(args, dist, root, records):
     return train, held_out
 
 
-def check_same_data(dist, *splits):
-    """Every rank reads the data itself; they must hold the same records, or the strided shares and collectives
-    would silently diverge (a file present on one node only): the counts and an id checksum, min against max."""
+def check_same_data(dist, what, *splits):
+    """Stop every rank with one line unless all ranks hold the same records (ids, tasks, answers, in order): ranks
+    take their shares of one list by position, so nodes whose copies of the data differ (a file missing or
+    different on one node, images one node cannot read) would silently train on other prompts than the data order
+    says."""
     if dist.world == 1:
         return
-    digest = zlib.crc32("\n".join(record["id"] for split in splits for record in split).encode())
-    values = [float(len(split)) for split in splits] + [float(digest)]
-    low = grpo.all_reduce(values, op=torch_dist.ReduceOp.MIN, device=dist.device)
-    high = grpo.all_reduce(values, op=torch_dist.ReduceOp.MAX, device=dist.device)
-    if low != high:
-        raise UserError("the ranks read different records from --data (a file missing or different on some node?)")
+    records = [record for split in splits for record in split]
+    text = "\n".join(f"{r.get('id')}\t{r['task']}\t{r['answer']}" for r in records)
+    seen = gather_objects([(len(records), zlib.crc32(text.encode()))], dist)
+    differing = [rank for rank, value in enumerate(seen) if value != seen[0]]
+    if differing:
+        raise UserError(f"the {what} differ between ranks: rank 0 has {seen[0][0]} records, rank {differing[0]} "
+                        f"{seen[differing[0]][0]} (or other ones): every node must read the same data and images")
 
 
 def run_pretrain(args, dist):
@@ -1499,12 +1932,12 @@ def run(args, dist):
     if args.stage == "pretrain":
         run_pretrain(args, dist)
         return
-    resume = resolve_resume(args)
-    if args.stage == "eval" and (args.eval_tsv or args.eval_bench) and not has_dataset(args.data):
+    resume, state = agree_on_resume(args, dist)        # rank 0's choice of checkpoint and stage, on every rank
+    if (args.stage == "eval" and (args.eval_tsv or args.eval_bench)
+            and not broadcast_object(has_dataset(args.data), dist)):
         train, held_out = [], []     # only the benchmarks
     else:
         train, held_out = prepare_data(args, dist)
-    state = json.loads((resume / "trainer_state.json").read_text()) if resume else None
     if resume:
         print0(f"resuming from {resume} ({state['stage']} step {state['step']})", dist=dist)
         args.model = str(resume)
@@ -1514,7 +1947,11 @@ def run(args, dist):
     sample = random.Random(args.seed).sample(train, min(len(train), 2000)) if tiny_build else []
     if tiny_build and sft_records:
         sample += random.Random(args.seed).sample(sft_records, min(len(sft_records), 500))
-    model, processor, family = load_model(args, dist, corpus=tiny.tokenizer_corpus(sample, args.seed))
+    corpus = tiny.tokenizer_corpus(sample, args.seed)
+    if dist.world > 1:        # built on the meta device, sharded, loaded once from rank 0
+        model, processor, family = load_sharded_model(args, dist, corpus)
+    else:
+        model, processor, family = load_model(args, dist, corpus)
     sft_pixels = (args.sft_min_pixels, args.sft_max_pixels)
     if args.stage in ("all", "sft") and sft_records is None:
         train = filter_records(processor, train, args.max_prompt_length, *sft_pixels, dist, "train")
@@ -1526,10 +1963,11 @@ def run(args, dist):
         args.ref_offload = False
     if args.ref_offload and not dist.sharded:
         raise UserError("--ref-offload needs a sharded reference: run under torchrun or with --dtype bf16")
-    if args.gradient_checkpointing:   # non-reentrant: the variant FSDP2 supports
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if dist.sharded:
-        model = shard(model, dist.dtype)
+    if not isinstance(model, FSDPModule):   # one process; load_sharded_model did both before sharding
+        if args.gradient_checkpointing:   # non-reentrant: the variant FSDP2 supports
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if dist.sharded:
+            model = shard(model, dist.dtype)
     metrics = Metrics(args.out, dist, state and state["stage"], state and state["step"], args.report_to, vars(args))
     evaluations, sft_steps = {}, 0
     for stage in ("base", "sft", "grpo"):   # earlier evaluations of a resumed run

@@ -52,6 +52,7 @@ TINY_DEFAULTS = dict(
     sft_min_pixels=MIN_PIXELS, sft_max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
     max_prompt_length=1024, max_response_length=128, eval_batch_size=64, save_steps=200, gradient_checkpointing=False,
     vsi_frames=8,
+    save_dtype="fp32",      # 2M parameters: a checkpoint seeds the next stage (--stage grpo --model CKPT) as it is
 )
 
 # GRPO: lr 1e-4, 100x the recipe's (3e-4 first knocked depth down: docs/tiny-model.md, sections 4-5), 16 prompts x 5

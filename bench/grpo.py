@@ -32,12 +32,15 @@ on CUDA) the policy computes through FSDP2's mixed precision on one process and 
 preset's peak memory is what a one-GPU run of ssrl.py holds (~16 B per parameter + 2 B for the reference).
 """
 import argparse
+import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import os
 import random
 import tempfile
+import time
 
 import torch
 
@@ -77,8 +80,11 @@ def recipe_records(root, prompts, side, seed=0):
         count = 2 + i % 4
         paths = []
         for j in range(count):
-            path = os.path.join(root, f"recipe-{i}-{j}.jpg")
-            tasks.render_scene(random.Random(f"{seed}:{i}:{j}"), side, side)[0].save(path, quality=90)
+            path = os.path.join(root, f"recipe-{side}-{seed}-{i}-{j}.jpg")
+            if not os.path.isfile(path):      # rendered once per folder (--records), then reused
+                tasks.render_scene(random.Random(f"{seed}:{i}:{j}"), side, side)[0].save(path + ".tmp", "JPEG",
+                                                                                         quality=90)
+                os.replace(path + ".tmp", path)
             paths.append(path)
         records.append({"id": f"recipe-{i}", "task": "crop", "problem": "<image>" * count + rng.choice(questions),
                         "answer": "A", "images": paths})
@@ -90,6 +96,18 @@ def default_records(root, prompts):
     tasks.build_dataset(root, per_task=max(2, prompts // len(tasks.TASKS) + 1), eval_per_task=1, max_side=112,
                         progress=False, overwrite=True)
     return tasks.load_records(root, "train")[:prompts]
+
+
+@contextlib.contextmanager
+def prompt_folder(args):
+    """Where the prompts' images go: --records for the recipe shapes (rendered once, then reused), else a
+    temporary folder."""
+    if args.records and args.shapes == "recipe":
+        os.makedirs(args.records, exist_ok=True)
+        yield args.records
+    else:
+        with tempfile.TemporaryDirectory() as root:
+            yield root
 
 
 def build(args, dist, root):
@@ -121,12 +139,14 @@ def build(args, dist, root):
 
 def time_steps(args, device, policy, reference, processor, batch, answers, task_names, shared, impl, engine):
     grpo.LOGPROBS_IMPL = impl
+    auto = args.rollout_micro_batch_size == "auto"
     cfg = grpo.GRPOConfig(num_generations=args.n, max_new_tokens=args.max_new_tokens, shared_prompt=shared,
-                          rollout_engine=engine, rollout_micro_batch_size=args.rollout_micro_batch_size,
-                          max_tokens_per_micro_batch=args.max_tokens_per_micro_batch)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
+                          rollout_engine=engine, rollout_micro_batch_size=16 if auto else args.rollout_micro_batch_size,
+                          auto_rollout_micro_batch=auto, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch)
+    optimizer = ssrl.adamw(policy.parameters(), 1e-6, 0.01, fused=device.type == "cuda")   # as the trainer's
     torch.manual_seed(0)
-    grpo.grpo_step(policy, reference, optimizer, batch, answers, task_names, processor, cfg)   # warm-up
+    warmup = dataclasses.replace(cfg, max_new_tokens=args.warmup_new_tokens or args.max_new_tokens)
+    grpo.grpo_step(policy, reference, optimizer, batch, answers, task_names, processor, warmup)   # compiles, tunes
     peak_reset(device)
     runs = [grpo.grpo_step(policy, reference, optimizer, batch, answers, task_names, processor, cfg)[0]
             for _ in range(args.steps)]
@@ -211,7 +231,7 @@ def generate_row(args, dist, policy, processor, batch, engine, eager_ids=None):
 
 
 def generate_one(args, dist, engine):
-    with tempfile.TemporaryDirectory() as root:
+    with prompt_folder(args) as root:
         policy, _, processor, batch, _, _ = build(args, dist, root)
     return generate_row(args, dist, policy, processor, batch, engine)[0]
 
@@ -232,7 +252,7 @@ def generation_table(args, dist, engines):
         args.shapes, args.max_new_tokens = shapes, max_new_tokens or (60 if shapes == "recipe" else 48)
         runs = {engine: [] for engine in engines}
         if dist.device.type == "cuda":   # one model for every engine
-            with tempfile.TemporaryDirectory() as root:
+            with prompt_folder(args) as root:
                 policy, _, processor, batch, _, _ = build(args, dist, root)
             eager_ids = None
             for engine in engines:
@@ -289,7 +309,7 @@ def rollout_memory(args):
 
 def rollout_one(args, dist, prompts, micro):
     device = dist.device
-    with tempfile.TemporaryDirectory() as root:
+    with prompt_folder(args) as root:
         args.prompts = prompts
         policy, _, processor, batch, _, _ = build(args, dist, root)
         tokenizer = processor.tokenizer
@@ -326,7 +346,14 @@ def main():
     parser.add_argument("--n", type=int, default=5, help="responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 60 recipe, 48 default")
     parser.add_argument("--image-size", type=int, default=None, help="image side in px (default 364 / 112)")
-    parser.add_argument("--rollout-micro-batch-size", type=int, default=16)
+    parser.add_argument("--rollout-micro-batch-size", type=ssrl.micro_batch_flag, default=16,
+                        help="prompts in flight (hf: per generate call); step table: or auto (from free GPU memory, "
+                        "as ssrl.py's presets)")
+    parser.add_argument("--warmup-new-tokens", type=int, default=None, help="new tokens of the untimed warm-up step "
+                        "(default: --max-new-tokens); it compiles and tunes kernels, so a few tokens do")
+    parser.add_argument("--records", metavar="DIR", default=None, help="recipe shapes: render the prompts' images "
+                        "into DIR once and reuse them (default: a temporary folder per run)")
+    parser.add_argument("--render-only", action="store_true", help="with --records: render the images and exit")
     parser.add_argument("--max-tokens-per-micro-batch", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after 1 warm-up)")
     parser.add_argument("--rollout-memory", action="store_true", help="only the rollout memory table")
@@ -335,6 +362,15 @@ def main():
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="compute dtype, as ssrl.py")
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE (bench/gpu_check.py reads it)")
     args = parser.parse_args()
+    if args.render_only:
+        started = time.perf_counter()
+        os.makedirs(args.records, exist_ok=True)
+        records = recipe_records(args.records, args.prompts, args.image_size or 364)
+        print(f"{len(records)} prompts, {sum(len(r['images']) for r in records)} images of {args.image_size or 364} "
+              f"px in {args.records} ({time.perf_counter() - started:.0f} s)")
+        return
+    if args.rollout_micro_batch_size == "auto" and not args.no_generation:
+        parser.error("--rollout-micro-batch-size auto sizes the step table only: add --no-generation")
     dist = ssrl.compute_init(args.dtype)
     device = dist.device
     if args.rollout_memory or args.rollout_one:
@@ -362,7 +398,7 @@ def main():
     max_new_tokens, rows = args.max_new_tokens, []
     for shapes in (("recipe", "default") if args.shapes == "both" else (args.shapes,)):
         args.shapes, args.max_new_tokens = shapes, max_new_tokens or (60 if shapes == "recipe" else 48)
-        with tempfile.TemporaryDirectory() as root:
+        with prompt_folder(args) as root:
             policy, reference, processor, batch, answers, task_names = build(args, dist, root)
             prompt_tokens = float(batch["attention_mask"].sum(1).float().mean())
             for path, engine, impl in itertools.product(args.paths.split(","),

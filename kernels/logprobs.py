@@ -254,6 +254,27 @@ def _triton_forward(hidden, weight, targets, inv_temp, want_entropy, num_splits=
     return logp, entropy, torch.stack([m_all, log_s])
 
 
+# Which GEMM the last bf16 backward ran for dh (bench/gpu_check.py reports it): torch.addmm with out_dtype exists as
+# a CUDA kernel only (torch 2.13) and may be refused elsewhere or by a future build; then each chunk's product is
+# rounded to bf16 once, as a stock bf16 backward rounds its dh, and added into the fp32 accumulator.
+BACKWARD_GEMM = None
+
+
+def _accumulate_fp32(accumulator, a, b):
+    """accumulator (fp32) + a @ b for low-precision a, b: torch.addmm(out_dtype=float32) (fp32 output, no rounding
+    of the product) where torch runs it, else the bf16 product added in fp32; records the path in BACKWARD_GEMM."""
+    global BACKWARD_GEMM
+    if BACKWARD_GEMM is None or BACKWARD_GEMM.startswith("torch.addmm"):
+        try:
+            result = torch.addmm(accumulator, a, b, out_dtype=torch.float32)
+            BACKWARD_GEMM = "torch.addmm(out_dtype=float32)"
+            return result
+        except (RuntimeError, NotImplementedError, TypeError) as error:
+            BACKWARD_GEMM = (f"{a.dtype} mm + fp32 add (torch.addmm out_dtype refused: "
+                             f"{type(error).__name__}: {str(error).splitlines()[0][:60]})")
+    return accumulator.add_(a @ b)
+
+
 def _triton_backward(hidden, weight, targets, stats, grad_logp, inv_temp, need_hidden, need_weight):
     tuned, blocks, upcast, precision = _kernel_setup(hidden, weight)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
@@ -278,7 +299,7 @@ def _triton_backward(hidden, weight, targets, stats, grad_logp, inv_temp, need_h
         w_chunk = weight[v_begin:v_begin + width]  # [width, D]
         if need_hidden:
             if low_precision_gpu:  # bf16 GEMM, fp32 output and accumulation across chunks
-                grad_hidden = torch.addmm(grad_hidden, dz_chunk, w_chunk, out_dtype=torch.float32)
+                grad_hidden = _accumulate_fp32(grad_hidden, dz_chunk, w_chunk)
             else:
                 grad_hidden.addmm_(dz_chunk, w_chunk.to(work_dtype))
         if need_weight:

@@ -191,3 +191,21 @@ def test_bf16_inputs_accumulate_in_fp32(impl, small_chunks):
     assert got["grad_hidden"] <= 1e-2 and got["grad_weight"] <= 1e-2
     for key in MARGIN:
         assert got[key] <= naive[key] + MARGIN[key], (key, got[key], naive[key])
+
+
+def test_backward_dh_gemm_falls_back_where_addmm_out_dtype_is_refused(monkeypatch):
+    """torch.addmm(..., out_dtype=float32) runs on CUDA only (the CPU refuses it): the bf16 backward's dh then
+    adds each chunk's bf16 product into its fp32 accumulator, within bf16 rounding of the fp32 product, and
+    BACKWARD_GEMM says which path ran."""
+    from kernels import logprobs
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 512, generator=generator).bfloat16()
+    b = torch.randn(512, 96, generator=generator).bfloat16()
+    start = torch.randn(64, 96, generator=generator)
+    monkeypatch.setattr(logprobs, "BACKWARD_GEMM", None)
+    result = logprobs._accumulate_fp32(start.clone(), a, b)
+    exact = start + a.float() @ b.float()
+    assert result.dtype == torch.float32 and logprobs.BACKWARD_GEMM.startswith("torch.bfloat16 mm + fp32 add")
+    assert "refused" in logprobs.BACKWARD_GEMM
+    assert (result - exact).abs().max() <= 2 ** -8 * (a.float() @ b.float()).abs().max()
+    assert torch.equal(logprobs._accumulate_fp32(start.clone(), a, b), start + (a @ b).float())  # the same, again

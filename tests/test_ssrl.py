@@ -123,6 +123,36 @@ def test_every_cold_start_answer_scores_one():
     assert all(len(p) >= 3 for p in phrasings.values()), phrasings
 
 
+def test_checkpoint_weights_are_bf16_by_default_and_the_trainer_state_keeps_fp32(tmp_path):
+    """A paper model's checkpoint: from_pretrained weights in bf16 (half the disk; config.json says so), rounded
+    from the fp32 masters, which the trainer state beside them keeps exactly and a resumed run loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    model, processor = tiny_model("qwen2_5_vl")
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    args = ssrl.parse_args(["--model", str(tmp_path / "base"), "--out", str(tmp_path / "run")])
+    assert args.save_dtype == "bf16" and ssrl.parse_args([]).save_dtype == "fp32"      # recipe / tiny presets
+    dist = ssrl.Dist(0, 1, 0, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    path = ssrl.save_checkpoint(args, dist, model, processor, 1, "sft", optimizer)
+    weights = load_file(str(path / "model.safetensors"))
+    masters = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).state_dict()
+    assert all(torch.equal(loaded[k], masters[k].bfloat16().float()) for k in masters)
+    fresh, _ = tiny_model("qwen2_5_vl", seed=3)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    ssrl.load_trainer_state(path, dist, fresh, fresh_optimizer)
+    assert all(torch.equal(fresh.state_dict()[k], masters[k]) for k in masters)
+    state, fresh_state = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i][key], fresh_state[i][key]) for i in state for key in ("exp_avg", "exp_avg_sq"))
+
+
 def test_checkpoint_loads_with_from_pretrained_and_gives_identical_logits(tmp_path):
     from transformers import AutoModelForImageTextToText
     model, processor = tiny_model("qwen3_vl")
