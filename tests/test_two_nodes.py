@@ -48,7 +48,8 @@ def two_nodes(tmp_path, flags):
 @pytest.mark.slow
 def test_two_nodes_without_a_shared_disk_train_to_the_end_and_refuse_to_resume_in_one_line(tmp_path):
     flags = ["--out", "run", "--data", "data", "--per-task", "8", "--eval-per-task", "1", "--tasks", "depth",
-             "flip", "--sft-data-fraction", "0.5", "--sft-global-batch-size", "4", "--sft-micro-batch-size", "2",
+             "flip", "--sft-data-fraction", "0.5", "--sft-num-train-epochs", "1", "--sft-global-batch-size", "4",
+             "--sft-micro-batch-size", "2",
              "--save-steps", "2", "--max-steps", "2", "--rollout-batch-size", "4", "--global-batch-size", "2",
              "--max-response-length", "8", "--eval-limit", "1"]
     for node, result in enumerate(two_nodes(tmp_path, flags)):
