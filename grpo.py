@@ -593,8 +593,8 @@ def rollout_attention_set(model):
 
 def _prefill(model, batch, chosen):
     """The prompts `chosen` (batch indices), their images through the vision tower and their tokens through the
-    language model once, on the stock path: (logits of each last prompt token [k, V], the DynamicCache, each prompt's
-    length [k] and the M-RoPE position of its first response token [k]). Positions are the prompt's own 3-D M-RoPE
+    language model once, on the stock path: (logits of each last prompt token [k, V], the DynamicCache and the M-RoPE
+    position of each prompt's first response token [k]). Positions are the prompt's own 3-D M-RoPE
     positions (as `pack` computes them); a response continues from the prompt's largest position + 1 on all three
     axes (text after images), as `generate` and the log-prob passes place it."""
     prompts = _trim_left_padding(select_samples(batch, torch.tensor(chosen)))
@@ -604,7 +604,7 @@ def _prefill(model, batch, chosen):
                                               attention_mask=prompts["attention_mask"])       # [3, k, P]
     out = model(**_model_inputs(prompts), position_ids=positions, use_cache=True, logits_to_keep=1)
     next_position = positions.masked_fill(~mask[None], 0).amax((0, 2)) + 1                   # [k]
-    return out.logits[:, -1], out.cache, mask.sum(1), next_position
+    return out.logits[:, -1], out.cache, next_position
 
 
 def _decode_step(model, kv, tokens, positions):
@@ -786,7 +786,7 @@ def _engine_loop(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, p
             index = torch.tensor([slot for slot, _ in finished], device=device)
             for tensor, value in ((kv.slot_row, 0), (kv.slot_sample, 0), (kv.slot_length, 0), (output_row, dummy)):
                 tensor[index] = value
-            kv.row_length.copy_(torch.tensor(row_length, device=device))
+            # kv.row_length keeps a freed row's old length: no slot points at it until admit() rewrites it
 
     def admit():
         nonlocal kv, prefills
@@ -796,7 +796,7 @@ def _engine_loop(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, p
                    and (count + 1) * widest <= max_prefill_tokens):
                 count += 1
             chosen = [queue.pop() for _ in range(count)]
-            logits, cache, chosen_lengths, next_position = _prefill(model, batch, chosen)
+            logits, cache, next_position = _prefill(model, batch, chosen)
             prefills += 1
             if kv is None:
                 kv = RolloutKV(model.config, rows, max(prompt_lengths), slots, max_new_tokens, n,
@@ -804,7 +804,7 @@ def _engine_loop(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, p
             chosen_rows = [free_rows.pop(0) for _ in chosen]
             new_slots = [free_slots.pop(0) for _ in range(count * n)]
             for i, (prompt, row) in enumerate(zip(chosen, chosen_rows)):
-                length = int(chosen_lengths[i])
+                length = prompt_lengths[prompt]
                 for layer, cached in enumerate(cache.layers):   # left-padded: the prompt is the last `length` columns
                     kv.prompt_keys[layer][row, :, :length] = cached.keys[i, :, cached.keys.shape[2] - length:]
                     kv.prompt_values[layer][row, :, :length] = cached.values[i, :, cached.values.shape[2] - length:]
@@ -818,7 +818,6 @@ def _engine_loop(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, p
             outputs = torch.tensor([slot_output[slot] for slot in new_slots], device=device)  # [k*n]
             kv.slot_row[index] = torch.tensor(chosen_rows, device=device).repeat_interleave(n)
             kv.slot_sample[index] = torch.arange(n, device=device).repeat(count)
-            kv.slot_length[index] = 0
             kv.row_length.copy_(torch.tensor(row_length, device=device))
             first_position[index] = next_position.to(device).repeat_interleave(n)
             output_row[index] = outputs
@@ -837,10 +836,9 @@ def _engine_loop(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, p
     while active:
         if compile_decode:
             bound = slots
-            if graph is None:
-                positions.copy_(first_position + kv.slot_length)
-                graph, graph_logits = _captured_step(model, kv, last_token, positions)
             positions.copy_(first_position + kv.slot_length)
+            if graph is None:
+                graph, graph_logits = _captured_step(model, kv, last_token, positions)
             graph.replay()
             logits = graph_logits
         else:
@@ -850,8 +848,7 @@ def _engine_loop(model, batch, n, max_new_tokens, temperature, top_p, eos_ids, p
                          max(slot_tokens[slot] for slot in active))
             logits = _decode_step(model, kv, last_token[:bound], first_position[:bound] + kv.slot_length[:bound])
         steps += 1
-        live = torch.zeros(bound, dtype=torch.bool, device=device)                          # [s]
-        live[torch.tensor(sorted(active), device=device)] = True
+        live = output_row[:bound] != dummy        # [s]: on the device already (a host list here would sync)
         position = kv.slot_length[:bound] + 1                     # index of the token sampled now, in its response
         at = position.clamp(max=max_new_tokens - 1)                                          # [s]
         step_uniforms = uniforms[torch.arange(bound, device=device), at] if sampled else None
@@ -1183,9 +1180,10 @@ def _step_metrics(scores, tasks, rewards, completion_mask, truncated, texts, bat
             local[f"sum/{key}/{task}"] += score[key]
     local["sequences"] = len(scores)
     local["groups"] = grouped.shape[0]
-    local["groups_zero_std"] = float((grouped.amax(1) == grouped.amin(1)).sum())
-    for group, spread in enumerate((grouped.amax(1) > grouped.amin(1)).tolist()):   # groups that carry a gradient
-        local[f"sum/signal/{tasks[group]}"] += spread
+    spread = grouped.amax(1) > grouped.amin(1)                                   # [G]: groups that carry a gradient
+    local["groups_zero_std"] = float((~spread).sum())
+    for group, carries in enumerate(spread.tolist()):
+        local[f"sum/signal/{tasks[group]}"] += carries
     local["sum/reward_std"] = float(grouped.std(1).sum())
     local["sum/length"] = float(lengths.sum())
     local["sum/terminated_length"] = float(lengths[~truncated].sum())

@@ -1948,26 +1948,25 @@ def run(args, dist):
     if tiny_build and sft_records:
         sample += random.Random(args.seed).sample(sft_records, min(len(sft_records), 500))
     corpus = tiny.tokenizer_corpus(sample, args.seed)
-    if dist.world > 1:        # built on the meta device, sharded, loaded once from rank 0
+    if args.ref_offload and dist.device.type != "cuda":
+        print0("note: --ref-offload does nothing without a GPU (the reference is in host memory already)", dist=dist)
+        args.ref_offload = False
+    if args.ref_offload and not dist.sharded:
+        raise UserError("--ref-offload needs a sharded reference: run under torchrun or with --dtype bf16")
+    if dist.world > 1:        # built on the meta device, checkpointed, sharded, loaded once from rank 0
         model, processor, family = load_sharded_model(args, dist, corpus)
     else:
         model, processor, family = load_model(args, dist, corpus)
+        if args.gradient_checkpointing:   # non-reentrant: the variant FSDP2 supports
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if dist.sharded:
+            model = shard(model, dist.dtype)
     sft_pixels = (args.sft_min_pixels, args.sft_max_pixels)
     if args.stage in ("all", "sft") and sft_records is None:
         train = filter_records(processor, train, args.max_prompt_length, *sft_pixels, dist, "train")
     elif args.stage in ("all", "sft"):
         sft_records = filter_records(processor, sft_records, args.max_prompt_length, *sft_pixels, dist, "sft-data")
     held_out = filter_records(processor, held_out, args.max_prompt_length, args.min_pixels, args.max_pixels, dist, "eval")
-    if args.ref_offload and dist.device.type != "cuda":
-        print0("note: --ref-offload does nothing without a GPU (the reference is in host memory already)", dist=dist)
-        args.ref_offload = False
-    if args.ref_offload and not dist.sharded:
-        raise UserError("--ref-offload needs a sharded reference: run under torchrun or with --dtype bf16")
-    if not isinstance(model, FSDPModule):   # one process; load_sharded_model did both before sharding
-        if args.gradient_checkpointing:   # non-reentrant: the variant FSDP2 supports
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if dist.sharded:
-            model = shard(model, dist.dtype)
     metrics = Metrics(args.out, dist, state and state["stage"], state and state["step"], args.report_to, vars(args))
     evaluations, sft_steps = {}, 0
     for stage in ("base", "sft", "grpo"):   # earlier evaluations of a resumed run

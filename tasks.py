@@ -1828,6 +1828,7 @@ def read_vsibench(path, frames=128):
     rows = _rows(path, expected)
     _check_keys(rows, ("question_type", "question"), path, expected)
     base, records, missing = os.path.dirname(os.path.abspath(path)), [], []
+    frames_of = {}          # a scene's folder is listed once: its few hundred scenes carry ~5,000 questions
     for number, row in enumerate(rows):
         if "mp4_path" in row:
             scene, dataset = (os.path.splitext(os.path.basename(row["mp4_path"]))[0],
@@ -1841,7 +1842,9 @@ def read_vsibench(path, frames=128):
             raise BadRecord(f"{path}: row {number} has no answer (answer or ground_truth); expected {expected}")
         folder = next((os.path.join(base, *parts) for parts in ((dataset, scene), (scene,))
                        if os.path.isdir(os.path.join(base, *parts))), None)
-        images = vsi_frames(folder, frames) if folder else []
+        if folder and folder not in frames_of:
+            frames_of[folder] = vsi_frames(folder, frames)
+        images = list(frames_of[folder]) if folder else []
         if not images:
             missing.append(os.path.join(base, dataset, scene))
             continue

@@ -82,9 +82,8 @@ def recipe_records(root, prompts, side, seed=0):
         for j in range(count):
             path = os.path.join(root, f"recipe-{side}-{seed}-{i}-{j}.jpg")
             if not os.path.isfile(path):      # rendered once per folder (--records), then reused
-                tasks.render_scene(random.Random(f"{seed}:{i}:{j}"), side, side)[0].save(path + ".tmp", "JPEG",
-                                                                                         quality=90)
-                os.replace(path + ".tmp", path)
+                with tasks.written_atomically(path) as temp:
+                    tasks.render_scene(random.Random(f"{seed}:{i}:{j}"), side, side)[0].save(temp, "JPEG", quality=90)
             paths.append(path)
         records.append({"id": f"recipe-{i}", "task": "crop", "problem": "<image>" * count + rng.choice(questions),
                         "answer": "A", "images": paths})
@@ -236,6 +235,18 @@ def generate_one(args, dist, engine):
     return generate_row(args, dist, policy, processor, batch, engine)[0]
 
 
+def each_shape(args):
+    """Each shape --shapes names, with args.shapes and args.max_new_tokens set for it (60 new tokens at the
+    recipe-like shapes, 48 at the default run's, unless given); both flags as given again afterwards."""
+    flag, max_new_tokens = args.shapes, args.max_new_tokens
+    try:
+        for shapes in (("recipe", "default") if flag == "both" else (flag,)):
+            args.shapes, args.max_new_tokens = shapes, max_new_tokens or (60 if shapes == "recipe" else 48)
+            yield shapes
+    finally:
+        args.shapes, args.max_new_tokens = flag, max_new_tokens
+
+
 def generation_table(args, dist, engines):
     """The generation rows for each shape and engine. CPU: each row in a fresh process (peak resident memory), the
     engines in turn --pairs times (who goes first alternates): medians over the pairs and the median of each pair's
@@ -247,9 +258,7 @@ def generation_table(args, dist, engines):
           "KV MiB per prompt | peak MiB above the loaded model | generate s / first engine's (pairs) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    max_new_tokens = args.max_new_tokens
-    for shapes in (("recipe", "default") if args.shapes == "both" else (args.shapes,)):
-        args.shapes, args.max_new_tokens = shapes, max_new_tokens or (60 if shapes == "recipe" else 48)
+    for shapes in each_shape(args):
         runs = {engine: [] for engine in engines}
         if dist.device.type == "cuda":   # one model for every engine
             with prompt_folder(args) as root:
@@ -269,8 +278,9 @@ def generation_table(args, dist, engines):
                                "--rollout-micro-batch-size", str(args.rollout_micro_batch_size),
                                "--max-tokens-per-micro-batch", str(args.max_tokens_per_micro_batch),
                                "--mean-length", str(args.mean_length), "--dtype", args.dtype]
-                    if args.image_size:
-                        command += ["--image-size", str(args.image_size)]
+                    for flag, value in (("--image-size", args.image_size), ("--layers", args.layers),
+                                        ("--records", args.records)):
+                        command += [flag, str(value)] if value else []
                     result = subprocess.run(command, capture_output=True, text=True, check=True)
                     runs[engine].append(json.loads(result.stdout.strip().splitlines()[-1]))
         first = runs[engines[0]]
@@ -288,7 +298,6 @@ def generation_table(args, dist, engines):
                   f"{row['mean_length']:.1f} | {row['generate_s']:.2f} | {row['tokens_per_s']:.0f} | {steps} | "
                   f"{row['kv_mib_per_prompt']:.2f} | {row['peak_mib']:.0f} | {row['ratio_to_first']:.2f} "
                   f"({row['pairs']}) |", flush=True)
-    args.shapes, args.max_new_tokens = "both", max_new_tokens
     return rows
 
 
@@ -395,9 +404,8 @@ def main():
     print("| shapes | path | engine | log-probs | prompt tokens | s/step | generate | reward | log-probs (old+ref) | "
           "update | passes | tokens/s | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    max_new_tokens, rows = args.max_new_tokens, []
-    for shapes in (("recipe", "default") if args.shapes == "both" else (args.shapes,)):
-        args.shapes, args.max_new_tokens = shapes, max_new_tokens or (60 if shapes == "recipe" else 48)
+    rows = []
+    for shapes in each_shape(args):
         with prompt_folder(args) as root:
             policy, reference, processor, batch, answers, task_names = build(args, dist, root)
             prompt_tokens = float(batch["attention_mask"].sum(1).float().mean())
